@@ -15,3 +15,34 @@ class ImageRecord:
     image_id: int
     path: str
     captions: list[str] = field(default_factory=list)
+
+
+def load_records(data_cfg) -> dict[str, list[ImageRecord]]:
+    """The captioned images of every split for a ``data`` config node."""
+    from pathlib import Path
+
+    root = Path(data_cfg.root)
+
+    def under_root(p):
+        return None if p is None else str(root / p)
+
+    if data_cfg.name == "shapes":
+        from captioner.datasets.shapes import load_shapes
+
+        return load_shapes(str(root), data_cfg.num_train, data_cfg.num_val, data_cfg.num_test,
+                           data_cfg.image_size, data_cfg.seed)
+    if data_cfg.name == "flickr8k":
+        from captioner.datasets.flickr8k import load_flickr8k
+
+        kwargs = {k: v for k, v in (("token_file", data_cfg.token_file), ("image_dir", data_cfg.image_dir)) if v}
+        return load_flickr8k(str(root), karpathy_json=under_root(data_cfg.karpathy_json), **kwargs)
+    if data_cfg.name == "coco_karpathy":
+        from captioner.datasets.coco import load_coco_karpathy
+
+        return load_coco_karpathy(under_root(data_cfg.karpathy_json), under_root(data_cfg.image_dir or "."),
+                                  use_restval=data_cfg.use_restval)
+    if data_cfg.name == "coco_format":
+        from captioner.datasets.coco import load_coco_format
+
+        return load_coco_format(under_root(data_cfg.annotations), under_root(data_cfg.image_dir or "."))
+    raise ValueError(f"data.name={data_cfg.name!r}: choose shapes, flickr8k, coco_karpathy or coco_format")

@@ -1,0 +1,313 @@
+"""Decoding captions from image features: greedy, sampling and batched beam search.
+
+Works through the model's one-step interface only (``init_state``, ``step``, ``reorder_state``),
+so any decoder that provides it can be decoded, and every caller (validation, ``evaluate``,
+captioning a folder) goes through ``generate``.
+
+Conventions shared by every method, so their outputs compare:
+
+- ``max_length`` is the most *words* a caption may have (as ``data.max_length`` counts them
+  for training: <bos>/<eos> not included). A hypothesis that reaches it is closed with <eos>:
+  at that step every other token is banned. So every caption ends with <eos>, a caption takes
+  at most ``max_length + 1`` steps, and every score is comparable.
+- A score is the model's log-probability of the caption *including* its <eos> (the model chose
+  to stop, and that choice has a probability). Scores are raw log-probabilities of the model: a
+  banned token or a sampling filter changes what can be chosen, never renormalizes the score.
+- Length for the length penalty counts the <eos>: ``len(words) + 1``, the number of scored tokens.
+- <pad> and <bos> are never emitted (a trained model gives them ~0 probability, but an
+  untrained one would otherwise produce captions with invisible tokens).
+- Optional constraints, for every method: ``ban_unk`` (never emit <unk>) and ``block_trigrams``
+  (never emit a word that repeats a trigram already in the caption; <eos> is never blocked).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from captioner.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
+METHODS = ("greedy", "sample", "beam")
+LENGTH_PENALTIES = ("none", "average", "gnmt")
+
+
+@dataclass
+class DecodeOutput:
+    sequences: list[list[int]]  # best caption per image: word ids without <bos>/<eos>
+    scores: list[float]  # its total log-probability (after any length penalty)
+    n_best: Optional[list[list[tuple[list[int], float]]]] = None  # beam with n_best > 1: best first
+
+
+# -- constraints shared by all methods -------------------------------------------------------
+def constrain(logprobs: torch.Tensor, history: torch.Tensor, max_length: int,
+              ban_unk: bool = False, block_trigrams: bool = False) -> torch.Tensor:
+    """``logprobs`` [N, V] with banned next tokens set to -inf, for rows whose words so far are
+    ``history`` [N, t] (all rows have the same length t)."""
+    logprobs = logprobs.clone()
+    words = history.size(1)
+    if words >= max_length:  # the caption is full: only <eos> may follow
+        eos = logprobs[:, EOS_ID].clone()
+        logprobs.fill_(-math.inf)
+        logprobs[:, EOS_ID] = eos
+        return logprobs
+    logprobs[:, [PAD_ID, BOS_ID]] = -math.inf
+    if ban_unk:
+        logprobs[:, UNK_ID] = -math.inf
+    if block_trigrams and words >= 3:
+        # Adding w makes the trigram (h[t-2], h[t-1], w); it repeats when an earlier pair
+        # (h[i], h[i+1]) equals (h[t-2], h[t-1]), and then w = h[i+2] is banned.
+        match = (history[:, : words - 2] == history[:, words - 2 : words - 1]) & (
+            history[:, 1 : words - 1] == history[:, words - 1 :]
+        )
+        hits = torch.zeros(logprobs.shape, dtype=torch.int32, device=logprobs.device)
+        hits.scatter_add_(1, history[:, 2:], match.to(torch.int32))  # add, not assign: a word can recur
+        logprobs.masked_fill_(hits > 0, -math.inf)
+    return logprobs
+
+
+# -- greedy and sampling: one token per image per step ----------------------------------------
+def _decode_one_path(model, features, max_length, choose, ban_unk, block_trigrams) -> DecodeOutput:
+    """Shared loop of greedy and sampling: ``choose(logprobs) -> tokens`` picks one per row."""
+    batch, device = features.size(0), features.device
+    state = model.init_state(features)
+    tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=device)
+    history = torch.zeros((batch, 0), dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    scores = None
+    for _ in range(max_length + 1):
+        logprobs, state = model.step(tokens, state)
+        logprobs = constrain(logprobs, history, max_length, ban_unk, block_trigrams)
+        tokens = choose(logprobs)
+        chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        scores = chosen.masked_fill(finished, 0.0) if scores is None else scores + chosen.masked_fill(finished, 0.0)
+        # finished rows keep stepping (the batch stays whole) but write <pad> and score nothing
+        history = torch.cat([history, tokens.masked_fill(finished, PAD_ID).unsqueeze(1)], dim=1)
+        finished = finished | (tokens == EOS_ID)
+        if bool(finished.all()):
+            break
+    sequences = [_words(seq) for seq in history.tolist()]
+    return DecodeOutput(sequences, scores.tolist())
+
+
+def _words(seq: list[int]) -> list[int]:
+    return seq[: seq.index(EOS_ID)] if EOS_ID in seq else seq
+
+
+@torch.no_grad()
+def greedy(model, features: torch.Tensor, max_length: int = 20, ban_unk: bool = False,
+           block_trigrams: bool = False) -> DecodeOutput:
+    """The most likely next token at every step (the first one on an exact tie)."""
+    return _decode_one_path(model, features, max_length, lambda lp: lp.argmax(dim=-1), ban_unk, block_trigrams)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Keep the ``top_k`` most likely tokens (0: all), then the smallest set of those whose
+    probability reaches ``top_p`` (nucleus); the rest become -inf. The most likely token is
+    always kept."""
+    if 0 < top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+        drop = before >= top_p  # the set already reached top_p without this token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), -math.inf)
+    return logits
+
+
+@torch.no_grad()
+def sample(model, features: torch.Tensor, max_length: int = 20, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0, seed: int = 0, ban_unk: bool = False, block_trigrams: bool = False) -> DecodeOutput:
+    """Draw each token from the model's distribution: divided by ``temperature``, then filtered by
+    ``top_k`` and ``top_p``. A private generator seeded with ``seed`` makes a run reproducible
+    (same seed, batch and device: same captions) without touching the global RNG."""
+    generator = torch.Generator(device=features.device).manual_seed(int(seed))
+
+    def choose(logprobs):
+        logits = filter_logits(logprobs / temperature, top_k, top_p)
+        probs = logits.softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    return _decode_one_path(model, features, max_length, choose, ban_unk, block_trigrams)
+
+
+# -- beam search --------------------------------------------------------------------------------
+def length_penalty_fn(kind: str, alpha: float = 0.7):
+    """Divisor of the log-probability for a hypothesis of ``length`` scored tokens (<eos> included)."""
+    if kind == "none":
+        return lambda length: 1.0
+    if kind == "average":
+        return lambda length: float(length)
+    if kind == "gnmt":  # Wu et al. 2016
+        return lambda length: ((5.0 + length) / 6.0) ** alpha
+    raise ValueError(f"decode.length_penalty={kind!r}: choose one of {', '.join(LENGTH_PENALTIES)}")
+
+
+def best_future_score(score, words: int, max_length: int, penalty) -> float | torch.Tensor:
+    """Upper bound on the penalized score of any finished hypothesis grown from an active one
+    with raw ``score`` and ``words`` words: it ends with length in [words + 1, max_length + 1]
+    and a raw score <= ``score`` <= 0, and for a divisor monotone in length the best is at
+    one end of that range."""
+    if isinstance(score, torch.Tensor):
+        return torch.maximum(score / penalty(words + 1), score / penalty(max_length + 1))
+    return max(score / penalty(words + 1), score / penalty(max_length + 1))
+
+
+@torch.no_grad()
+def beam_search(model, features: torch.Tensor, beam_size: int = 3, max_length: int = 20,
+                length_penalty: str = "none", alpha: float = 0.7, n_best: int = 1,
+                ban_unk: bool = False, block_trigrams: bool = False) -> DecodeOutput:
+    """Beam search over all images at once: every step is one ``model.step`` on [images * K] rows.
+
+    Per image, with K = ``beam_size``, at step t (the active hypotheses have t words):
+
+    1. Every active hypothesis h and token w make a candidate with raw score
+       ``score(h) + log p(w | h)`` (banned tokens: -inf; at t = max_length only <eos>).
+    2. The 2K best candidates by raw score are taken, best first. An <eos> candidate among the
+       first K of them is finished (its penalized score ``raw / penalty(t + 1)``); an <eos>
+       ranked K..2K-1 is dropped, as it would not have made the beam. The first K non-<eos>
+       candidates (there are at least K: each hypothesis has one <eos>) become the next active
+       hypotheses; -inf ones are dead slots. A finished hypothesis is never extended.
+    3. The finished pool keeps the K best by penalized score (on ties, the earlier one).
+    4. The image is done when no active hypothesis can reach a penalized score above the worst
+       of a full pool (``best_future_score <= worst``; with no penalty the raw score itself,
+       since log-probabilities only fall), when no active hypothesis is left, or after step
+       t = max_length, which closes every hypothesis. Done images leave the batch.
+
+    Returns the best finished hypothesis per image and, when ``n_best > 1``, the ``n_best``
+    best with their penalized scores, best first.
+    """
+    if beam_size < 1:
+        raise ValueError(f"decode.beam_size={beam_size}: must be at least 1")
+    if not 1 <= n_best <= beam_size:
+        raise ValueError(f"decode.n_best={n_best}: must be between 1 and decode.beam_size={beam_size}")
+    penalty = length_penalty_fn(length_penalty, alpha)
+    k, batch, device = beam_size, features.size(0), features.device
+    arange_k = torch.arange(k, device=device)
+
+    state = model.init_state(features)
+    state = model.reorder_state(state, torch.arange(batch, device=device).repeat_interleave(k))
+    alive = torch.arange(batch, device=device)  # original index of each image still searching
+    tokens = torch.full((batch * k,), BOS_ID, dtype=torch.long, device=device)
+    history = torch.zeros((batch * k, 0), dtype=torch.long, device=device)
+    scores = None  # [alive, K] raw scores; set from the first step's dtype
+
+    # the finished pool per image, sorted best first; -inf marks an empty slot
+    pool_words = torch.full((batch, k, max_length), PAD_ID, dtype=torch.long, device=device)
+    pool_length = torch.zeros((batch, k), dtype=torch.long, device=device)
+    pool_score = None
+
+    for t in range(max_length + 1):
+        n = alive.numel()
+        logprobs, state = model.step(tokens, state)
+        logprobs = constrain(logprobs, history, max_length, ban_unk, block_trigrams)
+        vocab = logprobs.size(1)
+        if scores is None:  # one live hypothesis per image to start: the others are empty slots
+            scores = torch.full((n, k), -math.inf, dtype=logprobs.dtype, device=device)
+            scores[:, 0] = 0.0
+            pool_score = torch.full((batch, k), -math.inf, dtype=logprobs.dtype, device=device)
+        candidates = (scores.reshape(-1, 1) + logprobs).view(n, k * vocab)
+        top, flat = candidates.topk(2 * k, dim=1)  # best first
+        parent, word = flat // vocab, flat % vocab
+        is_eos = word == EOS_ID
+
+        # 2. finished: <eos> among the first K candidates
+        new_raw = top[:, :k].masked_fill(~is_eos[:, :k], -math.inf)
+        new_words = history.view(n, k, t).gather(1, parent[:, :k, None].expand(n, k, t))
+        new_words = torch.nn.functional.pad(new_words, (0, max_length - t), value=PAD_ID)
+        # 3. merge into the pool: the old entries come first, so a tie keeps the earlier one
+        merged_score = torch.cat([pool_score[alive], new_raw / penalty(t + 1)], dim=1)
+        merged_words = torch.cat([pool_words[alive], new_words], dim=1)
+        merged_length = torch.cat([pool_length[alive], torch.full_like(new_raw, t, dtype=torch.long)], dim=1)
+        order = _stable_top(merged_score, k)
+        pool_score[alive] = merged_score.gather(1, order)
+        pool_words[alive] = merged_words.gather(1, order[:, :, None].expand(n, k, max_length))
+        pool_length[alive] = merged_length.gather(1, order)
+
+        # 2. continuing: the first K non-<eos> candidates, in rank order
+        keep = _stable_top((~is_eos).to(torch.int8), k)
+        scores = top.gather(1, keep)
+        rows = (torch.arange(n, device=device)[:, None] * k + parent.gather(1, keep)).view(-1)
+        tokens = word.gather(1, keep).view(-1)
+        history = torch.cat([history[rows], tokens[:, None]], dim=1)
+        state = model.reorder_state(state, rows)
+
+        # 4. done images leave the batch
+        if t == max_length:
+            break
+        bound = best_future_score(scores.max(dim=1).values, t + 1, max_length, penalty)
+        done = bound <= pool_score[alive, k - 1]
+        if bool(done.any()):
+            stay = (~done).nonzero().squeeze(1)
+            if stay.numel() == 0:
+                break
+            rows = (stay[:, None] * k + arange_k).view(-1)
+            alive, scores = alive[stay], scores[stay]
+            tokens, history = tokens[rows], history[rows]
+            state = model.reorder_state(state, rows)
+
+    return _beam_output(pool_words.tolist(), pool_length.tolist(), pool_score.tolist(), n_best)
+
+
+def _stable_top(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest per row, earlier index first among equals."""
+    return values.sort(dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def _beam_output(words, lengths, scores, n_best) -> DecodeOutput:
+    sequences, best_scores, lists = [], [], []
+    for image_words, image_lengths, image_scores in zip(words, lengths, scores):
+        found = [(w[:n], s) for w, n, s in zip(image_words, image_lengths, image_scores) if s > -math.inf]
+        if not found:  # every candidate was banned: nothing to say (not reachable with <eos> allowed)
+            found = [([], -math.inf)]
+        sequences.append(found[0][0])
+        best_scores.append(found[0][1])
+        lists.append(found[:n_best])
+    return DecodeOutput(sequences, best_scores, lists if n_best > 1 else None)
+
+
+# -- the one entry point ---------------------------------------------------------------------
+def _option_names() -> set[str]:
+    from captioner.config import DecodeConfig
+
+    return {f.name for f in dataclasses.fields(DecodeConfig)}
+
+
+def generate(model, features: torch.Tensor, method: str = "greedy", **options) -> DecodeOutput:
+    """Decode a batch of image features [B, D] with ``method`` (greedy | sample | beam).
+
+    ``options`` are the ``decode`` config's fields; each method takes those it uses and ignores
+    the others (greedy ignores beam_size, ...), so one config serves every method. A name that is
+    no ``decode`` field at all is an error rather than silently ignored.
+    """
+    unknown = set(options) - _option_names()
+    if unknown:
+        raise TypeError(f"unknown decode option(s): {', '.join(sorted(unknown))}")
+    max_length = int(options.get("max_length", 20))
+    if max_length < 1:
+        raise ValueError(f"decode.max_length={max_length}: must be at least 1")
+    common = {
+        "max_length": max_length,
+        "ban_unk": bool(options.get("ban_unk", False)),
+        "block_trigrams": bool(options.get("block_trigrams", False)),
+    }
+    if method == "greedy":
+        return greedy(model, features, **common)
+    if method == "sample":
+        temperature = float(options.get("temperature", 1.0))
+        top_k, top_p = int(options.get("top_k", 0)), float(options.get("top_p", 1.0))
+        if temperature <= 0:
+            raise ValueError(f"decode.temperature={temperature}: must be > 0 (use decode=greedy for the argmax)")
+        if top_k < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"decode.top_k={top_k}, decode.top_p={top_p}: need top_k >= 0 and 0 < top_p <= 1")
+        return sample(model, features, temperature=temperature, top_k=top_k, top_p=top_p,
+                      seed=int(options.get("seed", 0)), **common)
+    if method == "beam":
+        return beam_search(model, features, beam_size=int(options.get("beam_size", 3)),
+                           length_penalty=str(options.get("length_penalty", "none")),
+                           alpha=float(options.get("alpha", 0.7)), n_best=int(options.get("n_best", 1)), **common)
+    raise ValueError(f"decode.method={method!r}: choose one of {', '.join(METHODS)}")

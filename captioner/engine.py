@@ -1,0 +1,122 @@
+"""Training and evaluation loops, free of Hydra so tests and scripts call them directly.
+
+``evaluate`` is the one evaluation path: validation during training, ``captioner.evaluate`` and
+captioning decode and score through it. It always decodes (never teacher forcing).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from captioner.datasets import ImageRecord
+from captioner.vocab import PAD_ID, Vocabulary
+
+
+class CaptionBatches:
+    """Every (image, caption) pair as a training example, shuffled per epoch by a seeded generator.
+
+    The order of an epoch is a function of (seed, epoch) alone, so a resumed run can skip to the
+    exact batch it stopped at. Each batch is trimmed to its longest caption.
+    """
+
+    def __init__(self, features: np.ndarray, records: Sequence[ImageRecord], vocab: Vocabulary,
+                 max_length: int, batch_size: int, seed: int = 0):
+        rows, encoded = [], []
+        for row, record in enumerate(records):
+            for caption in record.captions:
+                rows.append(row)
+                encoded.append(vocab.encode(caption, max_length))
+        if not encoded:
+            raise ValueError("the training split has no captions")
+        self.tokens = torch.full((len(encoded), max(map(len, encoded))), PAD_ID, dtype=torch.long)
+        for i, ids in enumerate(encoded):
+            self.tokens[i, : len(ids)] = torch.tensor(ids)
+        self.lengths = (self.tokens != PAD_ID).sum(dim=1)
+        self.rows = torch.tensor(rows)
+        self.features = features
+        self.batch_size, self.seed = batch_size, seed
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        for b in range(start, len(self)):
+            pairs = order[b * self.batch_size : (b + 1) * self.batch_size]
+            rows = self.rows[pairs]
+            features = torch.from_numpy(np.asarray(self.features[rows.numpy()], dtype=np.float32))
+            tokens = self.tokens[pairs, : int(self.lengths[pairs].max())]
+            yield features, tokens
+
+
+def train_one_epoch(model, optimizer, scheduler, batches, device, grad_clip: float = 0.0,
+                    progress=None, on_step=None) -> float:
+    """One pass over ``batches``; returns the mean loss per real token."""
+    model.train()
+    total_loss, total_tokens = 0.0, 0
+    for features, tokens in batches:
+        features, tokens = features.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+        loss, n_tokens = model.loss(features, tokens)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training loss became {value}; lower optim.lr or check the data")
+        total_loss += value * n_tokens
+        total_tokens += n_tokens
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{total_loss / total_tokens:.3f}")
+        if on_step is not None:
+            on_step(value)
+    return total_loss / max(total_tokens, 1)
+
+
+@torch.no_grad()
+def decode_features(model, features: np.ndarray, vocab: Vocabulary, decode_cfg, device,
+                    progress: bool = False) -> list[dict]:
+    """Captions for every row of ``features``: [{"row", "caption", "score", "n_best"?}]."""
+    from tqdm import tqdm
+
+    model.eval()
+    options = {k: v for k, v in dict(decode_cfg).items() if k not in ("method", "batch_size")}
+    outputs = []
+    batch_size = decode_cfg.batch_size
+    for start in tqdm(range(0, len(features), batch_size), desc="decoding", disable=not progress, leave=False):
+        batch = torch.from_numpy(np.asarray(features[start : start + batch_size], dtype=np.float32)).to(device)
+        out = model.generate(batch, method=decode_cfg.method, **options)
+        for i, (seq, score) in enumerate(zip(out.sequences, out.scores)):
+            item = {"row": start + i, "caption": vocab.decode(seq), "score": float(score)}
+            if out.n_best is not None:
+                item["n_best"] = [{"caption": vocab.decode(s), "score": float(sc)} for s, sc in out.n_best[i]]
+            outputs.append(item)
+    return outputs
+
+
+def evaluate(model, features: np.ndarray, records: Sequence[ImageRecord], vocab: Vocabulary, decode_cfg,
+             device, metrics: Sequence[str] = ("bleu",), tokenizer: str = "python",
+             progress: bool = False) -> tuple[dict[str, Optional[float]], list[dict]]:
+    """Decode every image of a split and score against its references.
+
+    Returns (scores, results) where results is in the COCO results format
+    ``[{"image_id", "caption"}]`` (plus the score and n-best list when decoded).
+    """
+    from captioner.metrics import score_captions
+
+    decoded = decode_features(model, features, vocab, decode_cfg, device, progress)
+    results = []
+    for item in decoded:
+        record = records[item.pop("row")]
+        results.append({"image_id": record.image_id, **item})
+    references = {r.image_id: list(r.captions) for r in records}
+    candidates = {r["image_id"]: r["caption"] for r in results}
+    scores = score_captions(references, candidates, metrics=metrics, tokenizer=tokenizer)
+    return scores, results

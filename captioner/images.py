@@ -1,0 +1,33 @@
+"""One safe image loader for every path into the model (training, extraction, captioning)."""
+from __future__ import annotations
+
+from PIL import Image, ImageOps
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be decoded; the message names the file."""
+
+
+def load_image(path: str) -> Image.Image:
+    """Open any image as RGB with its EXIF orientation applied."""
+    try:
+        with Image.open(path) as image:
+            image.seek(0)  # first frame of animations
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+    except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three for bad files
+        raise BadImageError(f"cannot read image {path}: {err}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        image.load()
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits
+        image = image.point(lambda v: v / 256).convert("L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")  # composite transparency onto white, as a viewer shows it
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")

@@ -1,0 +1,146 @@
+"""The Show-and-Tell decoder: an image feature injected at the first step of a recurrent net.
+
+``inject`` chooses how the image enters:
+- ``first_input``: the projected feature is the input at step 0, then <bos> and the words
+  (Vinyals et al. 2015).
+- ``init_state``: the projected feature sets the initial hidden (and cell) state.
+- ``first_step_bias``: the image term W_ih v is added to the first recurrent step's
+  pre-activation only; since W_ih is linear this is the <bos> embedding plus the projected
+  feature as the first input, so the fused cuDNN/oneDNN kernels still apply.
+
+Decoding code talks to the model through ``init_state`` / ``step`` / ``reorder_state`` only.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INJECT_MODES = ("first_input", "init_state", "first_step_bias")
+CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
+class DecoderState(NamedTuple):
+    """Recurrent state between steps. ``hidden`` has batch in dim 1 (PyTorch's RNN layout);
+    ``image_bias`` is the image term still waiting to be added at the first word step."""
+
+    hidden: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
+    image_bias: Optional[torch.Tensor] = None
+
+
+class ShowTell(nn.Module):
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_dim: int,
+        embed_dim: int = 256,
+        hidden_dim: int = 512,
+        num_layers: int = 1,
+        dropout: float = 0.5,
+        cell: str = "lstm",
+        inject: str = "first_input",
+        pad_id: int = 0,
+    ):
+        super().__init__()
+        if inject not in INJECT_MODES:
+            raise ValueError(f"model.inject={inject!r}: choose one of {', '.join(INJECT_MODES)}")
+        if cell not in CELLS:
+            raise ValueError(f"model.cell={cell!r}: choose one of {', '.join(CELLS)}")
+        self.vocab_size, self.feature_dim = vocab_size, feature_dim
+        self.inject, self.cell, self.num_layers, self.hidden_dim = inject, cell, num_layers, hidden_dim
+        self.pad_id = pad_id
+
+        if inject == "init_state":
+            # one projection per layer for h, and another for c when the cell has one
+            n_states = num_layers * (2 if cell == "lstm" else 1)
+            self.image_proj = nn.Linear(feature_dim, n_states * hidden_dim)
+        else:
+            self.image_proj = nn.Linear(feature_dim, embed_dim)
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        self.rnn = CELLS[cell](
+            embed_dim, hidden_dim, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.output = nn.Linear(hidden_dim, vocab_size)
+
+    # -- the image step -----------------------------------------------------------------
+    def init_state(self, features: torch.Tensor) -> DecoderState:
+        """State ready to read <bos>: the image has been injected."""
+        projected = self.image_proj(self.dropout(features))
+        if self.inject == "init_state":
+            states = torch.tanh(projected).view(features.size(0), -1, self.num_layers, self.hidden_dim)
+            states = states.permute(1, 2, 0, 3).contiguous()  # [n_states, layers, B, H]
+            hidden = (states[0], states[1]) if self.cell == "lstm" else states[0]
+            return DecoderState(hidden)
+        if self.inject == "first_step_bias":
+            return DecoderState(None, image_bias=projected)
+        _, hidden = self.rnn(projected.unsqueeze(1))
+        return DecoderState(hidden)
+
+    def _run(self, inputs: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
+        if state.image_bias is not None:
+            inputs = torch.cat([inputs[:, :1] + state.image_bias.unsqueeze(1), inputs[:, 1:]], dim=1)
+        out, hidden = self.rnn(inputs, state.hidden)
+        return out, DecoderState(hidden)
+
+    # -- teacher forcing ----------------------------------------------------------------
+    def hidden_states(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Top-layer outputs [B, T, H] for inputs ``tokens`` (<bos> w1 .. wn, padded)."""
+        out, _ = self._run(self.embed(tokens), self.init_state(features))
+        return self.dropout(out)
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T-1, V] predicting tokens[:, 1:] from tokens[:, :-1]."""
+        return self.output(self.hidden_states(features, tokens[:, :-1]))
+
+    def loss(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Mean cross-entropy over real target tokens, and their count.
+
+        The output layer (the largest matmul at COCO vocabulary size) runs only where the
+        target is a real token, so padding costs nothing there.
+        """
+        hidden = self.hidden_states(features, tokens[:, :-1])
+        targets = tokens[:, 1:]
+        mask = targets != self.pad_id
+        logits = self.output(hidden[mask])
+        return F.cross_entropy(logits, targets[mask]), int(mask.sum())
+
+    # -- one step at a time, for decoding ------------------------------------------------
+    def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
+        """Log-probabilities [B, V] of the next token after ``tokens`` [B]."""
+        out, state = self._run(self.embed(tokens).unsqueeze(1), state)
+        return F.log_softmax(self.output(out[:, 0]), dim=-1), state
+
+    @staticmethod
+    def reorder_state(state: DecoderState, index: torch.Tensor) -> DecoderState:
+        """Select (and repeat) batch rows of the state, e.g. to follow beam back-pointers."""
+        hidden = state.hidden
+        if isinstance(hidden, tuple):
+            hidden = tuple(h.index_select(1, index) for h in hidden)
+        elif hidden is not None:
+            hidden = hidden.index_select(1, index)
+        bias = None if state.image_bias is None else state.image_bias.index_select(0, index)
+        return DecoderState(hidden, bias)
+
+    @torch.no_grad()
+    def generate(self, features: torch.Tensor, method: str = "greedy", **options):
+        """Decode captions for a batch of image features; see ``captioner.decoding``."""
+        from captioner.decoding import generate
+
+        return generate(self, features, method=method, **options)
+
+
+def build_model(model_cfg, vocab_size: int, feature_dim: int, pad_id: int = 0) -> ShowTell:
+    return ShowTell(
+        vocab_size=vocab_size,
+        feature_dim=feature_dim,
+        embed_dim=model_cfg.embed_dim,
+        hidden_dim=model_cfg.hidden_dim,
+        num_layers=model_cfg.num_layers,
+        dropout=model_cfg.dropout,
+        cell=model_cfg.cell,
+        inject=model_cfg.inject,
+        pad_id=pad_id,
+    )

@@ -1,0 +1,49 @@
+"""Shared fixtures: configs composed from the real conf/, tiny and CPU-only."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from captioner.config import CONF_DIR
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# A few images, random CNN weights and two short epochs: the whole pipeline in seconds.
+TINY = [
+    "data.num_train=48",
+    "data.num_val=12",
+    "data.num_test=12",
+    "data.image_size=64",
+    "data.min_count=1",
+    "encoder.pretrained=false",
+    "encoder.batch_size=16",
+    "model.embed_dim=32",
+    "model.hidden_dim=48",
+    "train.epochs=2",
+    "train.batch_size=32",
+    "train.progress=false",
+    "train.plot=true",
+    "train.device=cpu",
+    "optim.warmup_steps=2",
+]
+
+
+def compose_config(config_name: str = "train", overrides=()):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name, overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory) -> Path:
+    """One tiny shapes data set (and its feature cache) shared by the tests of a session."""
+    return tmp_path_factory.mktemp("shapes")
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, shapes_root):
+    def make(*overrides):
+        return compose_config("train", [*TINY, f"data.root={shapes_root}", f"train.out_dir={tmp_path / 'run'}", *overrides])
+
+    return make

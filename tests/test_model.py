@@ -1,0 +1,82 @@
+import itertools
+
+import pytest
+import torch
+
+from captioner.model import CELLS, INJECT_MODES, ShowTell
+from captioner.vocab import BOS_ID, EOS_ID, PAD_ID
+
+V, D = 23, 10
+
+
+def _batch(batch=4, length=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, D, generator=g)
+    tokens = torch.randint(4, V, (batch, length), generator=g)
+    tokens[:, 0] = BOS_ID
+    tokens[0, -1] = EOS_ID
+    tokens[1, 4:] = PAD_ID  # a shorter caption
+    tokens[1, 3] = EOS_ID
+    return features, tokens
+
+
+@pytest.mark.parametrize("inject,cell", list(itertools.product(INJECT_MODES, CELLS)))
+def test_shapes_and_gradients_for_every_option(inject, cell):
+    torch.manual_seed(0)
+    model = ShowTell(V, D, embed_dim=8, hidden_dim=12, num_layers=2, dropout=0.1, cell=cell, inject=inject)
+    features, tokens = _batch()
+    assert model(features, tokens).shape == (4, 6, V)
+    loss, n_tokens = model.loss(features, tokens)
+    assert n_tokens == int((tokens[:, 1:] != PAD_ID).sum())
+    loss.backward()
+    for name, p in model.named_parameters():
+        if name == "embed.weight":  # only rows of tokens that appear get a gradient
+            continue
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    logprobs, state = model.step(torch.full((4,), BOS_ID), model.init_state(features))
+    assert logprobs.shape == (4, V)
+    assert torch.allclose(logprobs.exp().sum(-1), torch.ones(4), atol=1e-5)
+
+
+@pytest.mark.parametrize("inject", INJECT_MODES)
+def test_step_by_step_equals_teacher_forcing(inject):
+    torch.manual_seed(1)
+    model = ShowTell(V, D, embed_dim=8, hidden_dim=12, cell="lstm", inject=inject).eval()
+    features, tokens = _batch(batch=2, length=5)
+    tokens[1] = tokens[0]
+    full = torch.log_softmax(model(features, tokens), dim=-1)
+    state = model.init_state(features)
+    for t in range(tokens.size(1) - 1):
+        logprobs, state = model.step(tokens[:, t], state)
+        assert torch.allclose(logprobs, full[:, t], atol=1e-5)
+
+
+def test_loss_ignores_padding():
+    torch.manual_seed(2)
+    model = ShowTell(V, D, embed_dim=8, hidden_dim=12, dropout=0.0).eval()
+    features, tokens = _batch(batch=1, length=5)
+    padded = torch.cat([tokens, torch.full((1, 4), PAD_ID)], dim=1)
+    assert torch.allclose(model.loss(features, tokens)[0], model.loss(features, padded)[0])
+
+
+def test_first_step_bias_only_touches_first_step():
+    torch.manual_seed(3)
+    model = ShowTell(V, D, embed_dim=8, hidden_dim=12, inject="first_step_bias", dropout=0.0).eval()
+    state = model.init_state(torch.randn(1, D))
+    # the image enters through the first word step only: a zero feature changes the output
+    zero_state = model.init_state(torch.zeros(1, D))
+    bos = torch.tensor([BOS_ID])
+    assert not torch.allclose(model.step(bos, state)[0], model.step(bos, zero_state)[0])
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    model = ShowTell(V, D, embed_dim=32, hidden_dim=64, dropout=0.0)
+    features, tokens = _batch(batch=8, length=9, seed=5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss, _ = model.loss(features, tokens)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05
