@@ -20,9 +20,9 @@ class DataConfig:
     name: str = "shapes"  # shapes | flickr8k | coco_karpathy | coco_captions | coco_format
     root: str = "data/shapes"
     # shapes: how many images per split, and the generator's seed (the data set is a pure function of these)
-    num_train: int = 3000
-    num_val: int = 300
-    num_test: int = 300
+    num_train: int = 2000
+    num_val: int = 250
+    num_test: int = 250
     image_size: int = 128
     seed: int = 0
     # flickr8k / coco sources (paths relative to root unless absolute)
@@ -92,7 +92,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 15
+    epochs: int = 6
     batch_size: int = 64
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -53,10 +53,10 @@ class CaptionBatches:
 
 
 def train_one_epoch(model, optimizer, scheduler, batches, device, grad_clip: float = 0.0,
-                    progress=None, on_step=None) -> float:
-    """One pass over ``batches``; returns the mean loss per real token."""
+                    progress=None, on_step=None) -> tuple[float, int]:
+    """One pass over ``batches``; returns the mean loss per real token and the number of steps."""
     model.train()
-    total_loss, total_tokens = 0.0, 0
+    total_loss, total_tokens, steps = 0.0, 0, 0
     for features, tokens in batches:
         features, tokens = features.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
         loss, n_tokens = model.loss(features, tokens)
@@ -72,12 +72,13 @@ def train_one_epoch(model, optimizer, scheduler, batches, device, grad_clip: flo
             raise FloatingPointError(f"training loss became {value}; lower optim.lr or check the data")
         total_loss += value * n_tokens
         total_tokens += n_tokens
+        steps += 1
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{total_loss / total_tokens:.3f}")
         if on_step is not None:
             on_step(value)
-    return total_loss / max(total_tokens, 1)
+    return total_loss / max(total_tokens, 1), steps
 
 
 @torch.no_grad()

@@ -140,9 +140,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             epoch_batches = (b for _, b in zip(range(cfg.train.max_steps - step), epoch_batches))
         with tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not cfg.train.progress,
                   leave=False) as bar:
-            train_loss = train_one_epoch(model, optimizer, scheduler, epoch_batches, device, cfg.optim.grad_clip,
-                                         progress=bar)
-            step += bar.n
+            train_loss, steps = train_one_epoch(model, optimizer, scheduler, epoch_batches, device,
+                                                cfg.optim.grad_clip, progress=bar)
+            step += steps
         scores, _ = evaluate(model, val_features, val_records, vocab, cfg.decode, device)
         row = {"epoch": epoch + 1, "step": step, "train/loss": round(train_loss, 5),
                "lr": scheduler.get_last_lr()[0], "time_s": round(time.perf_counter() - start, 2),

@@ -15,8 +15,9 @@ def _batch(batch=4, length=7, seed=0):
     tokens = torch.randint(4, V, (batch, length), generator=g)
     tokens[:, 0] = BOS_ID
     tokens[0, -1] = EOS_ID
-    tokens[1, 4:] = PAD_ID  # a shorter caption
-    tokens[1, 3] = EOS_ID
+    if batch > 1:  # a shorter caption
+        tokens[1, 4:] = PAD_ID
+        tokens[1, 3] = EOS_ID
     return features, tokens
 
 
