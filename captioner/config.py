@@ -119,9 +119,29 @@ class TrainRunConfig:
     experiment: Optional[str] = None
 
 
+@dataclass
+class EvaluateRunConfig:
+    """python -m captioner.evaluate: decode a split from a checkpoint, or score a results file."""
+
+    checkpoint: Optional[str] = None
+    split: str = "test"
+    # `data=...` on the command line evaluates on another data set than the checkpoint's
+    data: Optional[DataConfig] = None
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    # scoring an existing COCO results file against a COCO-format captions file
+    results: Optional[str] = None
+    annotations: Optional[str] = None
+    metrics: list[str] = field(default_factory=lambda: ["bleu", "meteor", "rouge", "cider"])
+    tokenizer: str = "auto"  # auto | java | python
+    output_dir: Optional[str] = None  # default: beside the checkpoint
+    device: str = "auto"
+    progress: bool = True
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainRunConfig)
+    cs.store(name="evaluate_schema", node=EvaluateRunConfig)
 
 
 register_configs()

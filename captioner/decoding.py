@@ -167,7 +167,8 @@ def beam_search(model, features: torch.Tensor, beam_size: int = 3, max_length: i
 
     1. Every active hypothesis h and token w make a candidate with raw score
        ``score(h) + log p(w | h)`` (banned tokens: -inf; at t = max_length only <eos>).
-    2. The 2K best candidates by raw score are taken, best first. An <eos> candidate among the
+    2. The 2K best candidates by raw score are taken, best first (``topk``: exact float ties
+       come in no promised order). An <eos> candidate among the
        first K of them is finished (its penalized score ``raw / penalty(t + 1)``); an <eos>
        ranked K..2K-1 is dropped, as it would not have made the beam. The first K non-<eos>
        candidates (there are at least K: each hypothesis has one <eos>) become the next active
@@ -227,6 +228,8 @@ def beam_search(model, features: torch.Tensor, beam_size: int = 3, max_length: i
         pool_score[alive] = merged_score.gather(1, order)
         pool_words[alive] = merged_words.gather(1, order[:, :, None].expand(n, k, max_length))
         pool_length[alive] = merged_length.gather(1, order)
+        if t == max_length:  # every hypothesis was closed with <eos>
+            break
 
         # 2. continuing: the first K non-<eos> candidates, in rank order
         keep = _stable_top((~is_eos).to(torch.int8), k)
@@ -237,8 +240,6 @@ def beam_search(model, features: torch.Tensor, beam_size: int = 3, max_length: i
         state = model.reorder_state(state, rows)
 
         # 4. done images leave the batch
-        if t == max_length:
-            break
         bound = best_future_score(scores.max(dim=1).values, t + 1, max_length, penalty)
         done = bound <= pool_score[alive, k - 1]
         if bool(done.any()):

@@ -1,6 +1,8 @@
 """One safe image loader for every path into the model (training, extraction, captioning)."""
 from __future__ import annotations
 
+import os
+
 from PIL import Image, ImageOps
 
 
@@ -8,8 +10,16 @@ class BadImageError(ValueError):
     """An image file that cannot be decoded; the message names the file."""
 
 
-def load_image(path: str) -> Image.Image:
-    """Open any image as RGB with its EXIF orientation applied."""
+def load_image(path: str | os.PathLike | Image.Image) -> Image.Image:
+    """Open any image as RGB with its EXIF orientation applied.
+
+    ``path`` may also be an already-open PIL image (a caller's in-memory picture), which gets the
+    same treatment, so every input to the model goes through this one function."""
+    if isinstance(path, Image.Image):
+        try:
+            return to_rgb(ImageOps.exif_transpose(path))  # never modifies the caller's image
+        except (OSError, ValueError, SyntaxError) as err:
+            raise BadImageError(f"cannot read image {describe(path)}: {err}") from None
     try:
         with Image.open(path) as image:
             image.seek(0)  # first frame of animations
@@ -17,6 +27,12 @@ def load_image(path: str) -> Image.Image:
             return to_rgb(image)
     except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three for bad files
         raise BadImageError(f"cannot read image {path}: {err}") from None
+
+
+def describe(image: Image.Image) -> str:
+    """A name for an in-memory image in messages: its file name when it was opened from one."""
+    name = getattr(image, "filename", "") or ""
+    return str(name) if name else f"<{image.mode} image {image.width}x{image.height}>"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

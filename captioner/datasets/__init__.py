@@ -41,8 +41,15 @@ def load_records(data_cfg) -> dict[str, list[ImageRecord]]:
 
         return load_coco_karpathy(under_root(data_cfg.karpathy_json), under_root(data_cfg.image_dir or "."),
                                   use_restval=data_cfg.use_restval)
+    if data_cfg.name == "coco_captions":
+        from captioner.datasets.coco import load_coco_captions
+
+        ann = root / (data_cfg.annotations or "annotations")
+        return load_coco_captions([str(ann / "captions_train2014.json"), str(ann / "captions_val2014.json")],
+                                  [str(root / "train2014"), str(root / "val2014")],
+                                  split_file=under_root(data_cfg.karpathy_json), use_restval=data_cfg.use_restval)
     if data_cfg.name == "coco_format":
         from captioner.datasets.coco import load_coco_format
 
         return load_coco_format(under_root(data_cfg.annotations), under_root(data_cfg.image_dir or "."))
-    raise ValueError(f"data.name={data_cfg.name!r}: choose shapes, flickr8k, coco_karpathy or coco_format")
+    raise ValueError(f"data.name={data_cfg.name!r}: choose shapes, flickr8k, coco_karpathy, coco_captions or coco_format")

@@ -1,0 +1,306 @@
+"""Caption a folder of images with a trained checkpoint.
+
+    python -m captioner.caption FOLDER checkpoint=PATH [decode=beam decode.beam_size=5 ...]
+                                [html=true] [output=captions.json]
+
+Finds images under FOLDER recursively, captions them in batches and writes ``captions.json``
+(the COCO results format, ``[{"image_id", "caption"}]``, plus ``file_name`` relative to FOLDER,
+``score``, and ``n_best`` when ``decode.n_best > 1``); ``html=true`` also writes a self-contained
+gallery page beside it. Unreadable files are skipped with one warning line each and listed at
+the end; a run with nothing to caption exits non-zero with one line.
+
+From Python, the same path::
+
+    from captioner import Captioner
+    captioner = Captioner.from_checkpoint("outputs/train/<run>/best.pt")
+    captioner.caption_images(["a.jpg", pil_image], method="beam", beam_size=5)
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from captioner.config import CONF_DIR, DecodeConfig
+from captioner.io import atomic_write_text
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class CaptionConfig:
+    folder: Optional[str] = None  # also accepted as the first argument
+    checkpoint: Optional[str] = None  # a .pt written by training (best.pt or last.pt)
+    output: str = "captions.json"
+    html: bool = False  # also write a gallery page: output with .html
+    thumbnail_size: int = 256  # gallery thumbnails: longer side in pixels
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 16  # images per encoder batch
+    num_workers: int = 0  # processes decoding images
+    progress: bool = True
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
+ConfigStore.instance().store(name="caption_schema", node=CaptionConfig)
+
+
+class CaptionError(RuntimeError):
+    """A problem the user can fix (no images, no checkpoint, ...); the CLI prints it as one line."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CaptionError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
+    return device
+
+
+def decode_config(decode: Any = None, **overrides) -> DictConfig:
+    """A typed ``decode`` node: the schema's defaults, then ``decode`` (a DecodeConfig, a mapping
+    or a DictConfig), then ``overrides``. A misspelled option fails here, before any work."""
+    cfg = OmegaConf.structured(DecodeConfig)
+    return OmegaConf.merge(cfg, decode if decode is not None else {}, overrides)
+
+
+class Captioner:
+    """A trained decoder with the encoder it was trained on: images in, captions out."""
+
+    def __init__(self, model, vocab, encoder, device: str | torch.device = "cpu", feature_dtype: str = "float32"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.encoder = encoder.to(self.device).eval()
+        self.vocab = vocab
+        # Training decodes features cached at this precision; rounding ours the same way makes a
+        # caption here identical to the one `evaluate` gives for the same image.
+        self.feature_dtype = getattr(torch, feature_dtype)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto") -> "Captioner":
+        """Load the decoder, vocabulary and encoder settings from a training checkpoint.
+
+        Raises ``CheckpointError`` (missing, unsafe or mismatched file) or
+        ``WeightsUnavailableError`` (encoder weights cannot be found), each with a one-line message.
+        """
+        from captioner.checkpoint import CheckpointError, restore_model
+        from captioner.encoders import build_encoder
+
+        device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        # Building modules draws their initial weights from the global RNG: fork it, so loading a
+        # captioner leaves the caller's random state alone. An encoder with random weights
+        # (pretrained=false, in tests) is drawn from the training seed, so it is the same each time.
+        with torch.random.fork_rng(devices=[]):
+            model, vocab, cfg = restore_model(path, device)
+            enc = cfg.encoder
+            torch.manual_seed(int(OmegaConf.select(cfg, "train.seed", default=0)))
+            encoder = build_encoder(enc.name, pretrained=enc.pretrained, weights=enc.weights)
+        if encoder.feature_dim != model.feature_dim:
+            raise CheckpointError(f"{path}: encoder {enc.name} gives {encoder.feature_dim}-d features but the "
+                                  f"decoder expects {model.feature_dim}")
+        return cls(model, vocab, encoder, device, OmegaConf.select(cfg, "encoder.cache_dtype", default="float32"))
+
+    @torch.no_grad()
+    def caption_images(self, images: Sequence[str | Path | Image.Image], decode: Any = None, *,
+                       batch_size: int = 16, num_workers: int = 0, progress: bool = False,
+                       on_error: Optional[Callable[[int, str], None]] = None, **decode_options) -> list[dict]:
+        """One dict per input, in order: ``{"file_name", "caption", "score"}`` (plus ``n_best``:
+        ``[{"caption", "score"}]`` when ``n_best > 1``), or ``{"file_name", "error"}`` for an
+        input that cannot be read. Inputs are paths or PIL images (``file_name`` is then the file
+        it was opened from, or None). ``decode`` and ``decode_options`` are ``decode`` config
+        fields (method, beam_size, ...); the defaults are ``DecodeConfig``'s (greedy).
+        ``on_error(index, message)`` is called as each unreadable input is found."""
+        from tqdm import tqdm
+
+        from captioner.engine import decode_features
+        from captioner.features import encode_images
+
+        cfg = decode_config(decode, **decode_options)
+        images = list(images)
+        results: list[Optional[dict]] = [None] * len(images)
+
+        def name(index: int) -> Optional[str]:
+            image = images[index]
+            if isinstance(image, Image.Image):
+                return getattr(image, "filename", None) or None
+            return str(image)
+
+        with tqdm(total=len(images), desc="captioning", unit="img", disable=not progress) as bar:
+            for indices, feats, bad in encode_images(self.encoder, images, batch_size, num_workers, self.device):
+                for index, error in bad:
+                    error = " ".join(str(error).split())  # one line, whatever the decoder said
+                    results[index] = {"file_name": name(index), "error": error}
+                    if on_error is not None:
+                        on_error(index, error)
+                if feats is not None:
+                    rows = feats.to(self.feature_dtype).cpu().numpy()  # the cache's precision
+                    for index, item in zip(indices, decode_features(self.model, rows, self.vocab, cfg, self.device)):
+                        item.pop("row")
+                        results[index] = {"file_name": name(index), **item}
+                bar.update(len(indices) + len(bad))
+        return results
+
+
+# -- the command line --------------------------------------------------------------------------
+def find_images(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(files with an image extension, other files) under ``folder``, recursively, sorted."""
+    images, others = [], []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
+    return images, others
+
+
+def _warn(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)  # above the progress bar, not through it
+
+
+def caption_folder(cfg: DictConfig) -> dict:
+    """Caption ``cfg.folder`` and write the outputs; returns a summary. Raises CaptionError (and
+    CheckpointError / WeightsUnavailableError) with a one-line message when there is nothing to do."""
+    if not cfg.folder:
+        raise CaptionError("no folder given: python -m captioner.caption FOLDER checkpoint=PATH")
+    if not cfg.checkpoint:
+        raise CaptionError("no checkpoint given: add checkpoint=PATH (a best.pt or last.pt written by training)")
+    folder = Path(cfg.folder)
+    if not folder.is_dir():
+        raise CaptionError(f"folder not found: {folder}")
+    paths, others = find_images(folder)
+    if not paths:
+        raise CaptionError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+
+    start = time.perf_counter()
+    captioner = Captioner.from_checkpoint(cfg.checkpoint, cfg.device)
+    rel = [p.relative_to(folder).as_posix() for p in paths]
+
+    def on_error(index: int, error: str) -> None:  # the loader's message repeats the path: say it once
+        _warn(f"skipped {rel[index]}: {error.removeprefix(f'cannot read image {paths[index]}: ')}")
+
+    results = captioner.caption_images(paths, cfg.decode, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                       progress=cfg.progress, on_error=on_error)
+
+    captions, skipped = [], []
+    for image_id, (name, result) in enumerate(zip(rel, results)):
+        if "error" in result:
+            skipped.append(name)
+            continue
+        entry = {"image_id": image_id, "file_name": name, "caption": result["caption"], "score": result["score"]}
+        if "n_best" in result:
+            entry["n_best"] = result["n_best"]
+        captions.append(entry)
+    if not captions:
+        raise CaptionError(f"none of the {len(paths)} image files under {folder} could be read "
+                           f"(first: {skipped[0]})")
+
+    output = Path(cfg.output)
+    atomic_write_text(output, json.dumps(captions, indent=1, ensure_ascii=False) + "\n")
+    page = None
+    if cfg.html:
+        from captioner.gallery import write_gallery
+
+        good = [folder / c["file_name"] for c in captions]
+        method = cfg.decode.method + (f", beam {cfg.decode.beam_size}" if cfg.decode.method == "beam" else "")
+        page = write_gallery(output.with_suffix(".html"), captions, good, title=f"Captions: {folder.name or folder}",
+                             subtitle=f"{len(captions)} images, checkpoint {cfg.checkpoint}, decode {method}",
+                             skipped=skipped, size=cfg.thumbnail_size)
+    return {"captions": captions, "skipped": skipped, "ignored": [p.relative_to(folder).as_posix() for p in others],
+            "output": output, "html": page, "seconds": time.perf_counter() - start}
+
+
+def _summary(summary: dict) -> str:
+    written = ", ".join(str(p) for p in (summary["output"], summary["html"]) if p)
+    total = len(summary["captions"]) + len(summary["skipped"])
+    lines = [f"captioned {len(summary['captions'])} of {total} images in {summary['seconds']:.1f}s -> {written}"]
+    if summary["skipped"]:
+        lines.append(f"skipped {len(summary['skipped'])} unreadable file(s):")
+        lines += [f"  {name}" for name in summary["skipped"]]
+    if summary["ignored"]:
+        lines.append(f"ignored {len(summary['ignored'])} file(s) without an image extension")
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig) -> dict:
+    """The CLI's work: caption, print the summary; any user error exits with one line."""
+    from captioner.checkpoint import CheckpointError
+    from captioner.encoders import WeightsUnavailableError
+
+    try:
+        summary = caption_folder(cfg)
+    except (CaptionError, CheckpointError, WeightsUnavailableError) as err:
+        sys.exit(f"error: {' '.join(str(err).split())}")
+    print(_summary(summary))
+    return summary
+
+
+def _one_line(err: BaseException) -> str:
+    """Hydra's composition errors span several lines; the first line of the error and of its
+    cause name the key and the problem, and a missing group option gets the available ones."""
+    parts, text = [], str(err)
+    while err is not None and len(parts) < 2:
+        lines = str(err).strip().splitlines()
+        if lines:
+            parts.append(lines[0].strip())
+        err = err.__cause__
+    if "Available options" in text:  # e.g. decode=bem: "Available options in 'decode':\n\tbeam\n..."
+        options = []
+        for line in text.split("Available options", 1)[1].splitlines()[1:]:
+            if not line.startswith(("\t", " ")):
+                break
+            options.append(line.strip())
+        parts.append(f"(choose {', '.join(options)})")
+    return " ".join(parts) or "invalid configuration"
+
+
+def normalize_argv(argv: Sequence[str]) -> list[str]:
+    """Hydra takes only key=value overrides: the first bare argument is the folder."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg.startswith("-"):  # hydra's own flags (--help, --cfg job, ...) and their values
+            break
+        if "=" not in arg:
+            if any(a.startswith("folder=") for a in argv):
+                sys.exit(f"error: two folders given: {arg!r} and folder=...; give one")
+            quoted = arg.replace("\\", "\\\\").replace("'", "\\'")
+            argv[i] = f"folder='{quoted}'"  # quoted: a path may hold spaces, commas or brackets
+            break
+    return argv
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Compose the config once before Hydra runs, so a misspelled key or a bad value exits with
+    one line instead of Hydra's multi-line report."""
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            compose("caption", overrides=list(overrides))
+    except Exception as err:  # any composition error: unknown key, wrong type, bad syntax
+        sys.exit(f"error: {_one_line(err)}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    import hydra
+
+    argv = normalize_argv(sys.argv[1:] if argv is None else argv)
+    if not any(a.startswith("-") for a in argv):
+        check_overrides(argv)
+    sys.argv = [sys.argv[0], *argv]
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="caption")
+    def _main(cfg: DictConfig) -> None:
+        run(cfg)
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Entry-point plumbing: a known error becomes one line on stderr and an exit code, never a traceback.
+
+``run(hydra_main, "train")`` is what ``python -m captioner.train`` calls. It first composes the
+config the way Hydra will, so a misspelled key, a wrong type or a missing config option is one
+line naming the key (Hydra's own report is several lines and a hint about HYDRA_FULL_ERROR);
+then it runs the job inside ``known_errors()``.
+
+Exit codes: 0 done; 1 a known error (``error: ...`` on stderr); 128 + signal number when a run
+was stopped by SIGINT (130) or SIGTERM (143) after saving its checkpoint. ``HYDRA_FULL_ERROR=1``
+shows the full traceback instead, as it does for Hydra's own errors.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import signal
+import sys
+from typing import Callable, Iterator, Optional, Sequence
+
+# Hydra command-line flags; with any of these we leave the checking to Hydra itself.
+_HYDRA_FLAGS = ("-", "--")
+
+
+class Interrupted(Exception):
+    """A run stopped by a signal; ``message`` says where it stopped and how to resume."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line: its lines joined with '; ' (a traceback never)."""
+    text = str(err).strip()
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)) and err.filename and \
+            str(err.filename) not in text:
+        text = f"{text}: {err.filename}"
+    if isinstance(err, KeyError):  # str(KeyError('x')) is "'x'"
+        text = f"missing key {text}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return "; ".join(lines) or type(err).__name__
+
+
+def print_error(message: str) -> None:
+    rank = _rank()
+    prefix = f"[rank {rank}] " if rank else ""
+    print(f"error: {prefix}{message}", file=sys.stderr, flush=True)
+
+
+# Errors a user can fix from the message alone: bad paths, bad data, bad checkpoints, bad choices.
+def _known() -> tuple[type[BaseException], ...]:
+    from captioner.checkpoint import CheckpointError
+    from captioner.images import BadImageError
+
+    return (FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError, BadImageError, ValueError,
+            FloatingPointError)
+
+
+@contextlib.contextmanager
+def known_errors() -> Iterator[None]:
+    """Turn the known errors raised inside into ``error: ...`` + exit 1, a signal into 128 + signum."""
+    full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    try:
+        yield
+    except Interrupted as err:
+        if _rank() == 0:
+            print(str(err), file=sys.stderr, flush=True)
+        raise SystemExit(err.exit_code) from None
+    except KeyboardInterrupt:
+        if full:
+            raise
+        if _rank() == 0:
+            print("interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGINT) from None
+    except _known() as err:
+        if full:
+            raise
+        print_error(one_line(err))
+        raise SystemExit(1) from None
+
+
+# --- config checking ---------------------------------------------------------------------
+
+def _unknown_keys(node, prefix: str = "") -> Iterator[tuple[str, list[str], str]]:
+    """(full key, the allowed keys, schema name) for every key a dataclass schema does not declare
+    (Hydra lets ``+group.key=value`` add one to a structured node)."""
+    from dataclasses import fields, is_dataclass
+
+    from omegaconf import DictConfig, OmegaConf
+
+    schema = OmegaConf.get_type(node)
+    allowed = [f.name for f in fields(schema)] if schema is not None and is_dataclass(schema) else None
+    for key in node.keys():
+        if allowed is not None and key not in allowed:
+            yield f"{prefix}{key}", allowed, schema.__name__
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            yield from _unknown_keys(child, f"{prefix}{key}.")
+
+
+def _did_you_mean(key: str, allowed: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(allowed), n=1)
+    return f"; did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}?" if close else ""
+
+
+def describe_config_error(err: BaseException) -> str:
+    """One line for a Hydra/OmegaConf composition error, naming the key."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
+    full_key = getattr(cause, "full_key", None)
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if isinstance(err, MissingConfigException) and getattr(err, "missing_cfg_file", None):
+        group, _, name = str(err.missing_cfg_file).rpartition("/")
+        options = getattr(err, "options", None)
+        choices = f" (choose {', '.join(options)})" if options else ""
+        return f"no config {name!r} in group {group!r}{choices}" if group else f"no config {name!r}{choices}"
+    if full_key and isinstance(cause, (ConfigKeyError, AttributeError)) and "not in" in first:
+        schema = getattr(cause, "object_type", None)
+        allowed = [f for f in getattr(schema, "__dataclass_fields__", {})]
+        return f"unknown config key '{full_key}' ({first}{_did_you_mean(full_key, allowed)})"
+    if full_key and isinstance(cause, ValidationError):
+        return f"bad value for '{full_key}': {first}"
+    if full_key:
+        return f"'{full_key}': {first}"
+    if first.startswith("Ambiguous value"):
+        return f"{first} (a list is key=[a,b], a string key='a,b', a sweep needs --multirun)"
+    return one_line(err)
+
+
+def check_config(config_name: str, argv: Sequence[str]) -> Optional[str]:
+    """Compose ``config_name`` with the command-line overrides as Hydra will; None when it is
+    fine, else one line naming the problem. Runs with Hydra flags (--multirun, --cfg, ...) are
+    left to Hydra."""
+    if any(arg.startswith(_HYDRA_FLAGS) for arg in argv):
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from captioner.config import CONF_DIR
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for arg in argv:
+        try:
+            parser.parse_overrides([arg])
+        except Exception as err:  # noqa: BLE001 - OverrideParseException and friends
+            return f"cannot parse override {arg!r}: {one_line(err).split('; See https://')[0]}"
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name, overrides=list(argv))
+    except Exception as err:  # noqa: BLE001 - everything Hydra/OmegaConf raise here is a config error
+        return describe_config_error(err)
+    finally:
+        GlobalHydra.instance().clear()
+    for key, allowed, schema in _unknown_keys(cfg):
+        return f"unknown config key '{key}' ({schema} has no such field{_did_you_mean(key, allowed)})"
+    return None
+
+
+def run(hydra_main: Callable[[], None], config_name: str, argv: Optional[Sequence[str]] = None) -> None:
+    """Check the command line, then call the ``@hydra.main`` function (which reads ``sys.argv``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if os.environ.get("HYDRA_FULL_ERROR") != "1":
+        problem = check_config(config_name, argv)
+        if problem:
+            print_error(problem)
+            raise SystemExit(1)
+    if _rank() != 0:
+        # Only rank 0 writes: the others neither save Hydra's .hydra/ files nor open a log file
+        # nor create a run directory of their own (their ${now:...} may differ from rank 0's).
+        extra = ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+        if not any(a.startswith("hydra.run.dir=") for a in argv):
+            extra.append("hydra.run.dir=.")
+        sys.argv = [sys.argv[0], *argv, *extra]
+    hydra_main()

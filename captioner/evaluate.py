@@ -1,0 +1,90 @@
+"""python -m captioner.evaluate: COCO metrics for a checkpoint on a split, or for a results file.
+
+    python -m captioner.evaluate checkpoint=outputs/train/<run>/best.pt split=test decode=beam
+    python -m captioner.evaluate results=captions_results.json annotations=captions_val2014.json
+
+The first decodes the split through ``captioner.engine.evaluate`` (the same path as validation
+during training) and writes ``results_<split>_<decode>.json`` (COCO results format) and
+``metrics_<split>_<decode>.json`` beside the checkpoint. The second scores any results file the
+way the coco-caption toolkit does.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from captioner.config import CONF_DIR
+from captioner.io import atomic_write_text
+from captioner.metrics import format_scores, score_results_file
+
+log = logging.getLogger("captioner.evaluate")
+
+
+def evaluate_checkpoint(checkpoint: str, split: str = "test", decode_cfg=None, data_cfg=None,
+                        metrics=("bleu", "meteor", "rouge", "cider"), tokenizer: str = "auto",
+                        output_dir: Optional[str] = None, device: str = "auto",
+                        progress: bool = True) -> dict[str, Any]:
+    """Decode ``split`` with the checkpoint's model and score it; returns the scores."""
+    from captioner.checkpoint import restore_model
+    from captioner.datasets import load_records
+    from captioner.encoders import build_encoder
+    from captioner.engine import evaluate
+    from captioner.train import load_split_features, resolve_device
+
+    device = resolve_device(device)
+    model, vocab, ckpt_cfg = restore_model(checkpoint, device)
+    data_cfg = data_cfg if data_cfg is not None else ckpt_cfg.data
+    decode_cfg = decode_cfg if decode_cfg is not None else ckpt_cfg.decode
+    records = load_records(data_cfg).get(split)
+    if not records:
+        raise ValueError(f"split={split!r}: data set {data_cfg.name!r} has no images in that split")
+    encoder = build_encoder(ckpt_cfg.encoder.name, pretrained=ckpt_cfg.encoder.pretrained,
+                            weights=ckpt_cfg.encoder.weights)
+    feature_cfg = OmegaConf.create({"data": OmegaConf.to_container(data_cfg), "encoder": ckpt_cfg.encoder,
+                                    "train": {"progress": progress}})
+    features = load_split_features(feature_cfg, encoder, {split: records}, device)[split]
+    scores, results = evaluate(model, features, records, vocab, decode_cfg, device, metrics=list(metrics),
+                               tokenizer=tokenizer, progress=progress)
+
+    out = Path(output_dir) if output_dir else Path(checkpoint).resolve().parent
+    tag = f"{split}_{decode_cfg.method}"
+    results_file, metrics_file = out / f"results_{tag}.json", out / f"metrics_{tag}.json"
+    atomic_write_text(results_file, json.dumps(results, ensure_ascii=False))
+    report = {"checkpoint": str(checkpoint), "split": split, "data": data_cfg.name, "num_images": len(records),
+              "decode": OmegaConf.to_container(decode_cfg), "scale": "0-1", "scores": scores}
+    atomic_write_text(metrics_file, json.dumps(report, indent=1))
+    log.info("%s images of %s/%s: %s", len(records), data_cfg.name, split, format_scores(scores))
+    log.info("wrote %s and %s", results_file, metrics_file)
+    return scores
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    if cfg.results is not None:
+        if cfg.annotations is None:
+            raise ValueError("results=FILE needs annotations=FILE (a COCO-format captions file)")
+        for path in (cfg.results, cfg.annotations):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"file not found: {path}")
+        scores = score_results_file(cfg.results, cfg.annotations, metrics=list(cfg.metrics), tokenizer=cfg.tokenizer)
+        print(format_scores(scores, digits=4))
+        return scores
+    if cfg.checkpoint is None:
+        raise ValueError("give checkpoint=PATH (decode and score a split) or results=FILE annotations=FILE")
+    scores = evaluate_checkpoint(cfg.checkpoint, cfg.split, cfg.decode, cfg.data, cfg.metrics, cfg.tokenizer,
+                                 cfg.output_dir, cfg.device, cfg.progress)
+    print(format_scores(scores, digits=4))
+    return scores
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Decoding speed: greedy, batched beam search, and the same beam search one image at a time.
+
+    python scripts/bench_decode.py [--images 100] [--beam-size 3] [--repeats 3]
+    python scripts/bench.py decode ...
+
+A COCO-size Show-and-Tell decoder (vocabulary 9,487, embedding 512, hidden 512, VGG fc7
+features 4096) with random weights. Random weights give near-uniform next-word
+distributions, so <eos> is practically never chosen: every caption runs to max_length and no
+image leaves the beam early. That is the worst case for the batched search, and both beam rows
+do the same work. The per-image row calls the very same ``beam_search`` with one image at a
+time (the loop the batched search replaces), so the ratio is the gain from batching alone.
+All rows are measured side by side in one process; the best of ``--repeats`` runs is kept.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from captioner.decoding import generate  # noqa: E402
+from captioner.model import ShowTell  # noqa: E402
+
+
+def _best_time(fn, repeats: int) -> tuple[float, object]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def run(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--vocab", type=int, default=9487)
+    parser.add_argument("--embed", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--feature", type=int, default=4096)
+    parser.add_argument("--max-length", type=int, default=16)
+    parser.add_argument("--beam-size", type=int, default=3)
+    parser.add_argument("--length-penalty", default="none", choices=["none", "average", "gnmt"])
+    parser.add_argument("--repeats", type=int, default=3, help="runs per row; the fastest counts")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default); on a busy shared machine 1 is steadier")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    model = ShowTell(args.vocab, args.feature, embed_dim=args.embed, hidden_dim=args.hidden).to(device).eval()
+    features = torch.randn(args.images, args.feature, device=device)
+    beam = {"max_length": args.max_length, "beam_size": args.beam_size, "length_penalty": args.length_penalty}
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(decode):
+        def go():
+            out = decode()
+            sync()
+            return out
+        return go
+
+    cases = {
+        "greedy (batched)": timed(lambda: generate(model, features, "greedy", max_length=args.max_length)),
+        f"beam K={args.beam_size} (batched)": timed(lambda: generate(model, features, "beam", **beam)),
+        f"beam K={args.beam_size} (per image)": timed(lambda: [
+            generate(model, features[i : i + 1], "beam", **beam) for i in range(args.images)
+        ]),
+    }
+    generate(model, features[:2], "beam", **beam)  # warm-up: first-call allocations and kernel setup
+    rows = []
+    for name, fn in cases.items():
+        seconds, out = _best_time(fn, args.repeats)
+        outs = out if isinstance(out, list) else [out]
+        words = [len(seq) for o in outs for seq in o.sequences]
+        rows.append({
+            "method": name,
+            "images": args.images,
+            "seconds": round(seconds, 4),
+            "captions_per_s": round(args.images / seconds, 1),
+            "mean_words": round(sum(words) / len(words), 2),
+        })
+    batched, per_image = rows[1]["captions_per_s"], rows[2]["captions_per_s"]
+    rows[1]["speedup_vs_per_image"] = round(batched / per_image, 2)
+
+    print(f"vocab {args.vocab}, embed {args.embed}, hidden {args.hidden}, feature {args.feature}, "
+          f"{args.images} images, max_length {args.max_length}, length_penalty {args.length_penalty}, "
+          f"device {device}, {torch.get_num_threads()} threads, best of {args.repeats}")
+    print(f"{'method':<24} {'seconds':>9} {'captions/s':>11} {'words':>6}")
+    for row in rows:
+        print(f"{row['method']:<24} {row['seconds']:>9.3f} {row['captions_per_s']:>11.1f} {row['mean_words']:>6.1f}")
+    print(f"batched / per-image beam: {rows[1]['speedup_vs_per_image']:.1f}x")
+    return rows
+
+
+if __name__ == "__main__":
+    run()

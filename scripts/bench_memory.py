@@ -1,0 +1,144 @@
+"""Peak memory while training from a COCO-size feature cache: memory-mapped, never loaded.
+
+    python scripts/bench_memory.py [--images 123287] [--dim 4096] [--steps 100]
+    python scripts/bench.py memory ...
+
+Writes a cache the size of COCO's (123,287 images x 4096 float16, 1.0 GB) into a temporary
+folder, then, in a fresh process (peak RSS is per process), trains the default decoder for
+--steps steps on batches drawn by captioner.engine.CaptionBatches from it (5 captions per image,
+like COCO), then reads one whole epoch of batches with the same access pattern. It reports peak
+RSS and what the RSS is made of: anonymous memory (the process's own: model, optimizer, tokens,
+batches) and file pages (cache pages touched through the map: page cache, shared and dropped
+under memory pressure, not a copy). The cache file is deleted afterwards.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+MB = 2**20
+
+
+def write_cache(path: Path, rows: int, dim: int) -> None:
+    """A filled cache without holding it in memory: the header through numpy, rows by pwrite."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(rows, dim))  # sparse until written
+    offset = array.offset
+    del array
+    block = np.random.default_rng(0).standard_normal((4096, dim), dtype=np.float32).astype(np.float16).tobytes()
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        total = rows * dim * 2
+        for start in range(0, total, len(block)):
+            os.pwrite(fd, block[: total - start], offset + start)
+    finally:
+        os.close(fd)
+
+
+def memory() -> dict:
+    """Current and peak RSS of this process, and the current anonymous / file-backed split (MB)."""
+    import resource
+
+    status = {}
+    if os.path.exists("/proc/self/status"):
+        for line in open("/proc/self/status"):
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                status[key] = int(value.split()[0]) / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"rss": status.get("VmRSS"), "peak": peak, "anon": status.get("RssAnon"), "file": status.get("RssFile")}
+
+
+def child(args) -> list[dict]:
+    import itertools
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from captioner.config import ModelConfig
+    from captioner.datasets import ImageRecord
+    from captioner.engine import CaptionBatches, train_one_epoch
+    from captioner.features import open_cache
+    from captioner.model import build_model
+    from captioner.vocab import SPECIALS, Vocabulary
+
+    torch.manual_seed(0)
+    clock = time.perf_counter()
+    phases = []
+
+    def phase(name: str) -> None:
+        nonlocal clock
+        phases.append({"phase": name, **memory(), "seconds": round(time.perf_counter() - clock, 1)})
+        clock = time.perf_counter()
+
+    class IdVocabulary(Vocabulary):  # captions are written as word ids: skips the (exact, slow) PTB tokenizer
+        def encode(self, caption, max_length=None):
+            return [self.bos_id, *map(int, caption.split()[:max_length]), self.eos_id]
+
+    phase("imports (torch, captioner)")
+    features = open_cache(args.cache)  # as training gets it from captioner.features
+    vocab = IdVocabulary([*SPECIALS, *(f"w{i}" for i in range(args.vocab - len(SPECIALS)))])
+    ids = np.random.default_rng(0).integers(len(SPECIALS), len(vocab), (len(features), 5, 10))
+    records = [ImageRecord(i, f"{i}.jpg", [" ".join(map(str, caption)) for caption in ids[i].tolist()])
+               for i in range(len(features))]  # COCO-like: 5 captions of 10 words per image
+    del ids
+    batches = CaptionBatches(features, records, vocab, max_length=16, batch_size=args.batch_size)
+    model = build_model(OmegaConf.structured(ModelConfig), len(vocab), features.shape[1])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    phase(f"records, CaptionBatches ({len(batches.rows)} pairs), model")
+
+    train_one_epoch(model, optimizer, None, itertools.islice(batches.epoch(0), args.steps), "cpu", 5.0)
+    phase(f"{args.steps} training steps of batch {args.batch_size}")
+
+    for _ in batches.epoch(1):  # the access pattern alone, without the model
+        pass
+    phase(f"+ a whole epoch of batch reads ({len(batches)} batches)")
+    return phases
+
+
+def run(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=123_287)
+    parser.add_argument("--dim", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--vocab", type=int, default=2000, help="words (the output layer sets step time, not memory)")
+    parser.add_argument("--dir", default=None, help="where to write the temporary cache (default: the temp dir)")
+    parser.add_argument("--cache", help=argparse.SUPPRESS)  # set in the measuring child process
+    args = parser.parse_args(argv)
+    if args.cache:
+        print(json.dumps(child(args)))
+        return []
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        cache = Path(tmp) / "features.npy"
+        start = time.perf_counter()
+        write_cache(cache, args.images, args.dim)
+        size = cache.stat().st_size / MB
+        print(f"cache: {args.images} x {args.dim} float16 = {size:.0f} MB, written in {time.perf_counter() - start:.1f}s")
+        with open(cache, "rb") as f:  # start cold, as a cache on disk does: out of the page cache
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        argv_child = [sys.executable, __file__, "--cache", str(cache), *[a for a in (argv or sys.argv[1:])]]
+        out = subprocess.run(argv_child, capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"the measuring process failed:\n{out.stderr[-3000:]}")
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"{'after':<52}{'RSS MB':>8}{'peak MB':>9}{'anon MB':>9}{'file MB':>9}{'peak/cache':>12}{'s':>6}")
+    for r in rows:
+        r["cache_mb"] = round(size)
+        print(f"{r['phase']:<52}{r['rss']:>8.0f}{r['peak']:>9.0f}{r['anon']:>9.0f}{r['file']:>9.0f}"
+              f"{r['peak'] / size:>12.0%}{r['seconds']:>6.1f}")
+    return rows
+
+
+if __name__ == "__main__":
+    run()

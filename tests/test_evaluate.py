@@ -1,0 +1,63 @@
+"""python -m captioner.evaluate: the toolkit's demo scored exactly, and checkpoints evaluated."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from captioner.evaluate import run
+from conftest import SHARED_DATA, compose_config
+
+COCO = SHARED_DATA / "coco-caption"
+needs_coco = pytest.mark.skipif(not (COCO / "captions_val2014.json").exists(), reason="../shared/data absent")
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="Java not installed")
+
+
+def _score(tokenizer, metrics):
+    cfg = compose_config("evaluate", [f"results={COCO / 'captions_val2014_fakecap_results.json'}",
+                                      f"annotations={COCO / 'captions_val2014.json'}",
+                                      f"tokenizer={tokenizer}", f"metrics=[{','.join(metrics)}]"])
+    return run(cfg)
+
+
+@needs_coco
+@pytest.mark.parametrize("tokenizer", ["python", pytest.param("java", marks=needs_java)])
+def test_toolkit_demo_scores_match_exactly(tokenizer):
+    expected = json.loads((COCO / "expected_scores.json").read_text())
+    scores = _score(tokenizer, ["bleu", "rouge", "cider"])
+    for key in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"):
+        assert scores[key] == pytest.approx(expected[key], abs=1e-6), key
+
+
+@needs_coco
+@needs_java
+def test_toolkit_demo_meteor_matches():
+    expected = json.loads((COCO / "expected_scores.json").read_text())
+    assert _score("java", ["meteor"])["METEOR"] == pytest.approx(expected["METEOR"], abs=1e-6)
+
+
+@needs_coco
+def test_cli_prints_scores_on_named_scale():
+    out = subprocess.run([sys.executable, "-m", "captioner.evaluate",
+                          f"results={COCO / 'captions_val2014_fakecap_results.json'}",
+                          f"annotations={COCO / 'captions_val2014.json'}", "tokenizer=python", "metrics=[bleu]"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "0-1 scale" in out.stdout and "Bleu_4 0.1908" in out.stdout
+
+
+def test_evaluates_a_checkpoint_and_writes_results(tiny_cfg, tmp_path):
+    from captioner.train import train
+
+    cfg = tiny_cfg("train.epochs=1")
+    train(cfg)
+    ev = compose_config("evaluate", [f"checkpoint={cfg.train.out_dir}/last.pt", "split=test", "decode=beam",
+                                     "decode.beam_size=2", "metrics=[bleu,rouge,cider]", "tokenizer=python",
+                                     "progress=false"])
+    scores = run(ev)
+    assert 0.0 <= scores["Bleu_4"] <= 1.0 and scores["CIDEr"] >= 0.0
+    results = json.loads((tmp_path / "run" / "results_test_beam.json").read_text())
+    assert len(results) == cfg.data.num_test and {"image_id", "caption"} <= set(results[0])
+    report = json.loads((tmp_path / "run" / "metrics_test_beam.json").read_text())
+    assert report["scale"] == "0-1" and report["scores"]["Bleu_4"] == scores["Bleu_4"]
