@@ -18,7 +18,14 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Iterable, Mapping, Sequence, Union
+
+from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.spice import spice as _spice_module
+from pycocoevalcap.tokenizer import ptbtokenizer
 
 from captioner.tokenizer import PUNCTUATIONS, as_line, tokenize_lines
 
@@ -174,8 +181,6 @@ def _tokenize_captions(captions_for_image: dict, tokenize_file) -> dict:
 
 def _java_tokenize_lines(captions: Sequence[str]) -> list[list[str]]:
     """The toolkit's PTBTokenizer: the same command on the same file, minus its console noise."""
-    from pycocoevalcap.tokenizer import ptbtokenizer
-
     jar = os.path.join(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)),
                        ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
     # The toolkit only replaces "\n"; any other line break splits a caption over two output lines
@@ -201,8 +206,6 @@ def _java_tokenize_lines(captions: Sequence[str]) -> list[list[str]]:
 # Scorers: the toolkit's, called as COCOEvalCap calls them.
 # ---------------------------------------------------------------------------------------------
 def _bleu(gts: dict, res: dict) -> Scores:
-    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
-
     # Bleu(4).compute_score, without its print of the counts, keeping the counts instead.
     scorer = BleuScorer(n=4)
     for image_id in gts:
@@ -220,15 +223,11 @@ def _bleu(gts: dict, res: dict) -> Scores:
 
 
 def _rouge(gts: dict, res: dict) -> Scores:
-    from pycocoevalcap.rouge.rouge import Rouge
-
     score, _ = Rouge().compute_score(gts, res)
     return {"ROUGE_L": float(score)}
 
 
 def _cider(gts: dict, res: dict) -> Scores:
-    from pycocoevalcap.cider.cider import Cider
-
     score, _ = Cider().compute_score(gts, res)
     return {"CIDEr": float(score)}
 
@@ -238,8 +237,6 @@ def _meteor(gts: dict, res: dict) -> Scores:
         warnings.warn("METEOR unavailable: it runs in Java and there is no java on PATH",
                       RuntimeWarning, stacklevel=3)
         return {"METEOR": None}
-    from pycocoevalcap.meteor.meteor import Meteor
-
     try:
         meteor = Meteor()
     except OSError as e:
@@ -280,9 +277,7 @@ def _stderr_tail(proc: subprocess.Popen) -> str:
 
 
 def _spice_models_present() -> bool:
-    from pycocoevalcap.spice import spice
-
-    lib = os.path.join(os.path.dirname(os.path.abspath(spice.__file__)), "lib")
+    lib = os.path.join(os.path.dirname(os.path.abspath(_spice_module.__file__)), "lib")
     return all(os.path.exists(os.path.join(lib, name))
                for name in ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar"))
 
@@ -294,10 +289,8 @@ def _spice(gts: dict, res: dict) -> Scores:
                       "pycocoevalcap/spice/lib (get_stanford_models.py downloads them)",
                       RuntimeWarning, stacklevel=3)
         return {"SPICE": None}
-    from pycocoevalcap.spice.spice import Spice
-
     try:
-        score, _ = Spice().compute_score(gts, res)
+        score, _ = _spice_module.Spice().compute_score(gts, res)
     except (subprocess.CalledProcessError, OSError, ValueError) as e:
         warnings.warn(f"SPICE unavailable: {e}", RuntimeWarning, stacklevel=3)
         return {"SPICE": None}

@@ -363,8 +363,7 @@ _GROUPS = [(_MASTER.groupindex[f"r{i}"], _MASTER.groupindex[f"t{i}"], rule)
 # between spaces; in those spots no rule can beat the obvious token (every longer match needs
 # some other character), so they skip the rule match. Words that some rule splits or that may be
 # abbreviations ("st.", "a.", "no. 5") always take the full rule match.
-_SPACE_OR_NEWLINE = frozenset(re.sub("(.)-(.)", lambda m: "".join(map(chr, range(ord(m[1]), ord(m[2]) + 1))),
-                                     _SPACE_CHARS + _NEWLINE_CHARS))
+_SPACE_OR_NEWLINE = frozenset(" \t\u00a0\u3000" + "".join(map(chr, range(0x2000, 0x200b))) + _NEWLINE_CHARS)
 _NEWLINES = frozenset(_NEWLINE_CHARS)
 _PLAIN_WORD = re.compile(r"[A-Za-z]+(?:-[A-Za-z]+)*")
 _SPLIT_WORDS = frozenset(["cannot", "gonna", "gotta", "lemme", "gimme", "wanna"])
@@ -458,10 +457,10 @@ def _lex_one(text: str, pos: int, tokens: list[str]) -> int:
 
 
 # Whole-caption fast path: most captions are only plain (or hyphenated) words, each perhaps
-# followed by one punctuation mark, between single spaces. Unless a word is one that some rule
-# splits or may be an abbreviation before its period, their tokens are simply the words, and
-# nothing around the caption can change that.
-_EASY_CAPTION = re.compile(r" *(?:[A-Za-z]+(?:-[A-Za-z]+)*[.,;:?!]?(?: +|\Z))*")
+# followed by one punctuation mark, and lone punctuation marks, between spaces. Unless a word is
+# one that some rule splits or may be an abbreviation before its period, their tokens are simply
+# the words (the marks are all dropped), and nothing around the caption can change that.
+_EASY_CAPTION = re.compile(r" *(?:(?:[A-Za-z]+(?:-[A-Za-z]+)*[.,;:?!]?|[.,;:?!])(?: +|\Z))*")
 _EASY_WORDS = re.compile(r"[a-z]+(?:-[a-z]+)*")
 _WORD_BEFORE_PERIOD = re.compile(r"[A-Za-z-]+\.")
 _SPLIT_WORD = re.compile("|".join(sorted(_SPLIT_WORDS)))
