@@ -18,9 +18,6 @@ import signal
 import sys
 from typing import Callable, Iterator, Optional, Sequence
 
-# Hydra command-line flags; with any of these we leave the checking to Hydra itself.
-_HYDRA_FLAGS = ("-", "--")
-
 
 class Interrupted(Exception):
     """A run stopped by a signal; ``message`` says where it stopped and how to resume."""
@@ -39,15 +36,16 @@ def _rank() -> int:
 
 
 def one_line(err: BaseException) -> str:
-    """The message of ``err`` on one line: its lines joined with '; ' (a traceback never)."""
+    """The message of ``err`` on one line: its lines joined with '; ' (after a colon, a space)."""
     text = str(err).strip()
     if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)) and err.filename and \
             str(err.filename) not in text:
         text = f"{text}: {err.filename}"
-    if isinstance(err, KeyError):  # str(KeyError('x')) is "'x'"
-        text = f"missing key {text}"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return "; ".join(lines) or type(err).__name__
+    out = ""
+    for line in (line.strip() for line in text.splitlines()):
+        if line:
+            out += ("" if not out else " " if out.endswith(":") else "; ") + line
+    return out or type(err).__name__
 
 
 def print_error(message: str) -> None:
@@ -142,7 +140,7 @@ def check_config(config_name: str, argv: Sequence[str]) -> Optional[str]:
     """Compose ``config_name`` with the command-line overrides as Hydra will; None when it is
     fine, else one line naming the problem. Runs with Hydra flags (--multirun, --cfg, ...) are
     left to Hydra."""
-    if any(arg.startswith(_HYDRA_FLAGS) for arg in argv):
+    if any(arg.startswith("-") for arg in argv):  # Hydra's own flags: --multirun, --cfg, --help, ...
         return None
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra

@@ -102,7 +102,8 @@ class TrainConfig:
     monitor: str = "Bleu_4"
     progress: bool = True
     plot: bool = True
-    resume: Optional[str] = None  # PATH | auto
+    resume: Optional[str] = None  # PATH (a last.pt/best.pt, or a run directory) | auto (out_dir/last.pt if any)
+    save_every: int = 0  # also save last.pt every N optimizer steps, for mid-epoch resume (0: epoch ends only)
     precision: str = "fp32"  # fp32 | bf16 | fp16
     compile: bool = False
     max_steps: int = 0  # 0: no limit (tests use a few steps)

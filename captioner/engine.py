@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from captioner.datasets import ImageRecord
+from captioner.precision import Precision
 from captioner.vocab import PAD_ID, Vocabulary
 
 
@@ -53,23 +54,29 @@ class CaptionBatches:
 
 
 def train_one_epoch(model, optimizer, scheduler, batches, device, grad_clip: float = 0.0,
-                    progress=None, on_step=None) -> tuple[float, int]:
-    """One pass over ``batches``; returns the mean loss per real token and the number of steps."""
+                    progress=None, on_step=None, precision: Optional[Precision] = None) -> tuple[float, int]:
+    """One pass over ``batches``; returns the mean loss per real token and the number of steps.
+
+    ``precision`` (``captioner.precision.Precision``; default fp32) adds autocast around the
+    loss and, for fp16, loss scaling around backward and the optimizer step.
+
+    ``on_step(loss, n_tokens)`` runs after every optimizer step (checkpointing, stopping). A loss
+    that is not finite raises FloatingPointError before it can reach the weights."""
     model.train()
+    precision = precision or Precision("fp32")
     total_loss, total_tokens, steps = 0.0, 0, 0
     for features, tokens in batches:
         features, tokens = features.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
-        loss, n_tokens = model.loss(features, tokens)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        with precision.autocast():
+            loss, n_tokens = model.loss(features, tokens)
         value = loss.item()
         if not math.isfinite(value):
             raise FloatingPointError(f"training loss became {value}; lower optim.lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        precision.backward(loss)
+        precision.step(optimizer, model.parameters(), grad_clip)
+        if scheduler is not None:
+            scheduler.step()
         total_loss += value * n_tokens
         total_tokens += n_tokens
         steps += 1
@@ -77,7 +84,7 @@ def train_one_epoch(model, optimizer, scheduler, batches, device, grad_clip: flo
             progress.update(1)
             progress.set_postfix(loss=f"{total_loss / total_tokens:.3f}")
         if on_step is not None:
-            on_step(value)
+            on_step(value, n_tokens)
     return total_loss / max(total_tokens, 1), steps
 
 
@@ -104,15 +111,22 @@ def decode_features(model, features: np.ndarray, vocab: Vocabulary, decode_cfg, 
 
 def evaluate(model, features: np.ndarray, records: Sequence[ImageRecord], vocab: Vocabulary, decode_cfg,
              device, metrics: Sequence[str] = ("bleu",), tokenizer: str = "python",
-             progress: bool = False) -> tuple[dict[str, Optional[float]], list[dict]]:
+             progress: bool = False, shards=None) -> tuple[dict[str, Optional[float]], list[dict]]:
     """Decode every image of a split and score against its references.
 
     Returns (scores, results) where results is in the COCO results format
     ``[{"image_id", "caption"}]`` (plus the score and n-best list when decoded).
+    ``shards`` (a ``captioner.distributed.Dist``) splits the decoding across data-parallel
+    processes: each decodes its ``part`` of the images and every one scores all of them.
     """
     from captioner.metrics import score_captions
 
-    decoded = decode_features(model, features, vocab, decode_cfg, device, progress)
+    rows = range(len(features)) if shards is None else shards.part(len(features))
+    decoded = decode_features(model, features[rows.start : rows.stop], vocab, decode_cfg, device, progress)
+    for item in decoded:
+        item["row"] += rows.start
+    if shards is not None:
+        decoded = shards.gather_list(decoded)
     results = []
     for item in decoded:
         record = records[item.pop("row")]

@@ -95,16 +95,22 @@ def encode_images(encoder, paths: Sequence[str], batch_size: int = 32, num_worke
     DataLoader workers, overlapping with the CNN."""
     device = torch.device(device)
     spec = encoder.transform_spec()
+    # A private generator: the loader's worker seeds must not draw from (and shift) the global RNG.
     loader = DataLoader(ImageFiles(paths, uint8_transform(spec), start), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=collate, pin_memory=device.type == "cuda")
+                        num_workers=num_workers, collate_fn=collate, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(0))
+    was_training = encoder.training
     encoder.to(device).eval()  # extraction never uses dropout/BN batch statistics, frozen or not
     normalize = Normalize(spec).to(device)
-    for indices, images, bad in loader:
-        feats = None
-        if images is not None:
-            with torch.inference_mode():  # not around the yield: the mode would leak into the caller
-                feats = encoder(normalize(images.to(device, non_blocking=True)))
-        yield indices, feats, bad
+    try:
+        for indices, images, bad in loader:
+            feats = None
+            if images is not None:
+                with torch.inference_mode():  # not around the yield: the mode would leak into the caller
+                    feats = encoder(normalize(images.to(device, non_blocking=True)))
+            yield indices, feats, bad
+    finally:
+        encoder.train(was_training)
 
 
 # --- manifest ----------------------------------------------------------------------------
@@ -200,7 +206,7 @@ def open_cache(path: str | Path, mode: str = "r") -> np.memmap:
 
 def _open_array(path: Path, rows: int, dim: int, dtype: str, mode: str = "r") -> Optional[np.ndarray]:
     try:
-        array = open_cache(path, mode) if mode == "r" else np.load(path, mmap_mode=mode)
+        array = open_cache(path, mode)
     except (OSError, ValueError):
         return None
     return array if array.shape == (rows, dim) and array.dtype == np.dtype(dtype) else None
@@ -287,8 +293,7 @@ def split_features(encoder, records: Sequence[ImageRecord], cache_dir: str | Pat
                             out[rows : rows + len(feats)] = feats.to("cpu", getattr(torch, dtype)).numpy()
                             state["rows"] = rows + len(feats)
                         state["done"] += len(indices) + len(bad)
-                        bar.update(len(indices) + len(bad))
-                        bar.set_postfix(img_per_s=f"{(state['done'] - start_done) / (time.perf_counter() - start):.1f}")
+                        bar.update(len(indices) + len(bad))  # tqdm shows images/s
                         if time.monotonic() - last_save > SAVE_EVERY_S:
                             save_progress()
                             last_save = time.monotonic()

@@ -86,10 +86,13 @@ class ShowTell(nn.Module):
         return out, DecoderState(hidden)
 
     # -- teacher forcing ----------------------------------------------------------------
-    def hidden_states(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Top-layer outputs [B, T, H] for inputs ``tokens`` (<bos> w1 .. wn, padded)."""
+    def _outputs(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         out, _ = self._run(self.embed(tokens), self.init_state(features))
-        return self.dropout(out)
+        return out
+
+    def hidden_states(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Top-layer outputs [B, T, H] for inputs ``tokens`` (<bos> w1 .. wn, padded), after dropout."""
+        return self.dropout(self._outputs(features, tokens))
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [B, T-1, V] predicting tokens[:, 1:] from tokens[:, :-1]."""
@@ -98,14 +101,19 @@ class ShowTell(nn.Module):
     def loss(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Mean cross-entropy over real target tokens, and their count.
 
-        The output layer (the largest matmul at COCO vocabulary size) runs only where the
-        target is a real token, so padding costs nothing there.
+        The real positions are gathered first, so dropout, the output layer (the largest matmul
+        at COCO vocabulary size) and the softmax run only where the target is a real token:
+        padding costs nothing there. The recurrent net runs over the batch's padded length (one
+        fused cuDNN/oneDNN call); batches are trimmed to their longest caption. At COCO size the
+        padding left inside a mixed 8-16 word batch cost a few percent of a CPU step, and packed
+        sequences saved nothing measurable there (``scripts/bench_train.py``).
         """
-        hidden = self.hidden_states(features, tokens[:, :-1])
+        out = self._outputs(features, tokens[:, :-1])
         targets = tokens[:, 1:]
         mask = targets != self.pad_id
-        logits = self.output(hidden[mask])
-        return F.cross_entropy(logits, targets[mask]), int(mask.sum())
+        real = targets[mask]
+        logits = self.output(self.dropout(out[mask]))
+        return F.cross_entropy(logits, real), real.numel()  # (numel: no extra reduction or sync)
 
     # -- one step at a time, for decoding ------------------------------------------------
     def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:

@@ -108,7 +108,7 @@ def run(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=123_287)
     parser.add_argument("--dim", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=2000, help="words (the output layer sets step time, not memory)")
     parser.add_argument("--dir", default=None, help="where to write the temporary cache (default: the temp dir)")
@@ -137,6 +137,12 @@ def run(argv=None) -> list[dict]:
         r["cache_mb"] = round(size)
         print(f"{r['phase']:<52}{r['rss']:>8.0f}{r['peak']:>9.0f}{r['anon']:>9.0f}{r['file']:>9.0f}"
               f"{r['peak'] / size:>12.0%}{r['seconds']:>6.1f}")
+    setup, steps, epoch = rows[1], rows[2], rows[3]
+    print(f"training read the cache through the map: +{steps['file'] - setup['file']:.0f} MB of mapped file pages over "
+          f"{args.steps} steps, +{epoch['file'] - setup['file']:.0f} MB after an epoch (every row read), against "
+          f"a {size:.0f} MB cache; anonymous memory, which loading the cache would grow by {size:.0f} MB "
+          f"({2 * size:.0f} MB as float32), grew {epoch['anon'] - setup['anon']:+.0f} MB (model, optimizer, "
+          f"batches). Mapped file pages are page cache: shared, and dropped by the kernel under memory pressure.")
     return rows
 
 

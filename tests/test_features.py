@@ -175,3 +175,12 @@ def test_extract_cli_on_tiny_shapes(tmp_path, capsys):
     again = extract(compose_config("train", overrides))  # seeded random weights: the same cache
     assert [r.computed for r in again.values()] == [0, 0, 0]
     assert capsys.readouterr().out.count("(cached)") == 3
+
+
+def test_extraction_leaves_the_global_rng_alone(tmp_path, images):
+    encoder = tiny_encoder()
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    split_features(encoder, images, tmp_path, "train", batch_size=4, progress=False)
+    assert torch.equal(torch.rand(3), expected)  # training draws the same model init and batch order

@@ -1,0 +1,237 @@
+"""Data-parallel training on PyTorch's own distributed engine (DistributedDataParallel).
+
+Launch one process per device with torchrun; each reads RANK / WORLD_SIZE / LOCAL_RANK from the
+environment (a plain ``python -m captioner.train`` is a world of one and touches none of this):
+
+    torchrun --nproc_per_node=4 -m captioner.train train.batch_size=256 ...
+
+How the pieces fit, so that N processes compute what one process would:
+- ``train.batch_size`` is the global batch. Every rank walks the same deterministic sequence of
+  global batches (``CaptionBatches.epoch``) and takes its contiguous slice of each one
+  (``shard_batches``), so nothing about the order depends on the number of processes.
+- The loss is a mean over real tokens and shards hold different numbers of tokens, so
+  ``DataParallelCaptioner.loss`` weights each rank's mean by its share of the global token count
+  (one tiny all-reduce); DDP's gradient average is then exactly the gradient of the global
+  batch's per-token mean, the same as a single process (to rounding).
+- Validation decodes a slice of the images per rank and gathers the captions; every rank scores
+  the whole split, so all ranks agree on the metric and on "best".
+- Only rank 0 writes files (checkpoints, metrics, plots, vocabulary). Data preparation and the
+  feature cache are done by local rank 0 of each node first while the others wait at a barrier,
+  then read what it wrote.
+NCCL is the backend on GPUs, Gloo on CPUs.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger("captioner.distributed")
+
+# Long enough for local rank 0 to build a feature cache while the others wait at the barrier;
+# for very large data sets, extract features first (python -m captioner.extract).
+TIMEOUT = timedelta(minutes=60)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job. A world of one (the default) makes every method a no-op."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- collectives (no-ops in a world of one) ----------------------------------------------
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (any picklable object; it travels between our processes only)."""
+        if not self.enabled:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def on_main(self, fn):
+        """``fn()`` run by rank 0 alone; its result, or the exception it raised, on every rank
+        (so an error there stops every rank at once instead of leaving them waiting)."""
+        if not self.enabled:
+            return fn()
+        outcome = None
+        if self.is_main:
+            try:
+                outcome = ("ok", fn())
+            except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+                outcome = ("error", err)
+        kind, value = self.broadcast(outcome)
+        if kind == "error":
+            raise value
+        return value
+
+    def gather(self, obj: Any) -> list:
+        """[obj of rank 0, obj of rank 1, ...] on every rank."""
+        if not self.enabled:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank when ``flag`` is true on any rank."""
+        if not self.enabled:
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    @contextlib.contextmanager
+    def local_first(self) -> Iterator[None]:
+        """Local rank 0 of each node runs the block first (e.g. writes a cache); the other ranks
+        run it after, when they can read what it wrote. Works with or without a shared disk."""
+        first = self.local_rank == 0
+        if self.enabled and not first:
+            dist.barrier()
+        try:
+            yield
+        finally:
+            if self.enabled and first:
+                dist.barrier()  # even when the block failed: the others then fail with the same error
+
+    # -- splitting work ----------------------------------------------------------------------
+    def part(self, n: int) -> range:
+        """This rank's contiguous slice of ``n`` items (sizes differ by at most one)."""
+        base, extra = divmod(n, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return range(start, start + base + (1 if self.rank < extra else 0))
+
+    def gather_list(self, items: list) -> list:
+        """The concatenation of every rank's ``items``, in rank order."""
+        return [x for part in self.gather(items) for x in part] if self.enabled else items
+
+
+def from_env() -> Dist:
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return Dist()
+    return Dist(rank=int(env["RANK"]), world_size=world, local_rank=int(env.get("LOCAL_RANK", env["RANK"])))
+
+
+def setup(device: torch.device) -> tuple[Dist, torch.device]:
+    """Join the process group torchrun set up the environment for; returns (this rank, its device).
+
+    On GPUs each process takes ``cuda:LOCAL_RANK`` and NCCL; on CPUs Gloo."""
+    ctx = from_env()
+    if not ctx.enabled:
+        return ctx, device
+    if device.type == "cuda":
+        if device.index is not None and device.index != ctx.local_rank:
+            log.warning("train.device=%s ignored under torchrun: rank %d uses cuda:%d", device, ctx.rank,
+                        ctx.local_rank)
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=TIMEOUT, **kwargs)
+    if ctx.rank != 0:  # one log for the job, rank 0's (errors still reach stderr from every rank)
+        logging.getLogger("captioner").setLevel(logging.ERROR)
+    return ctx, device
+
+
+def cleanup(ctx: Dist) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_batches(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], ctx: Dist):
+    """This rank's contiguous slice of every global (features, tokens) batch, trimmed to its own
+    longest caption. A rank whose slice is empty (a last batch smaller than the world) gets an
+    empty batch; ``DataParallelCaptioner.loss`` still takes part in the gradient all-reduce."""
+    from captioner.vocab import PAD_ID
+
+    for features, tokens in batches:
+        rows = ctx.part(features.size(0))
+        f, t = features[rows.start : rows.stop], tokens[rows.start : rows.stop]
+        if len(rows):
+            t = t[:, : int((t != PAD_ID).sum(dim=1).max())]
+        yield f, t
+
+
+class _LossForward(nn.Module):
+    """DDP hooks into ``forward``; the training step needs the model's ``loss``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor):
+        return self.model.loss(features, tokens)
+
+
+class DataParallelCaptioner(nn.parallel.DistributedDataParallel):
+    """DDP around a captioner, with the same ``loss(features, tokens) -> (loss, n_tokens)`` as the
+    model, so ``engine.train_one_epoch`` trains either.
+
+    The returned loss has the value of the global batch's per-token mean (so logs, the NaN check
+    and the epoch mean agree on every rank) and the gradient of this rank's token sum over the
+    global token count, times the world size that DDP's average divides by. ``n_tokens`` is the
+    global count."""
+
+    def __init__(self, model: nn.Module, device: torch.device, world_size: int):
+        super().__init__(_LossForward(model), device_ids=[device.index] if device.type == "cuda" else None)
+        self.world = world_size
+        self.device = device
+
+    def loss(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
+        from captioner.vocab import BOS_ID, EOS_ID
+
+        empty = features.size(0) == 0
+        if empty:  # take part in the all-reduce with a stand-in example of weight 0
+            features = features.new_zeros((1, features.size(1)))
+            tokens = torch.tensor([[BOS_ID, EOS_ID]], device=tokens.device)
+        mean, n_local = self(features, tokens)
+        n_local = 0 if empty else int(n_local)
+        stats = torch.tensor([float(n_local), mean.detach().double().item() * n_local], dtype=torch.float64,
+                             device=self.device)
+        dist.all_reduce(stats)
+        n_global, loss_sum = int(stats[0].item()), stats[1].item()
+        global_mean = loss_sum / max(n_global, 1)
+        scaled = mean * (n_local * self.world / max(n_global, 1))
+        return scaled + (global_mean - scaled.detach()), n_global
+
+
+def wrap(model: nn.Module, ctx: Dist, device: torch.device) -> nn.Module:
+    """The module the training step calls: the model itself, or DDP around it."""
+    return DataParallelCaptioner(model, device, ctx.world_size) if ctx.enabled else model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    if isinstance(model, DataParallelCaptioner):
+        return model.module.model
+    return model
+
+
+def seed_rank(seed: int, ctx: Dist) -> None:
+    """Independent dropout streams per rank (rank 0 keeps the single-process stream)."""
+    if ctx.enabled and ctx.rank:
+        torch.manual_seed(seed * 1000003 + ctx.rank)
+
+

@@ -1,0 +1,132 @@
+"""Training speed options: mixed precision (``train.precision``), ``torch.compile``
+(``train.compile``) and the fastest Adam the device has.
+
+- ``fp32``: no autocast.
+- ``bf16``: autocast to bfloat16; no loss scaling (bfloat16 has float32's exponent range). On
+  CUDA it needs a GPU with bfloat16 (Ampere or newer). On CPU it works everywhere and is fast
+  where the CPU has AVX512-BF16 or AMX (oneDNN runs the LSTM and the matmuls in bfloat16).
+- ``fp16``: autocast to float16 with a ``GradScaler`` (dynamic loss scaling). Meant for CUDA.
+  On CPU it is checked once at start-up: oneDNN has no float16 LSTM on most CPUs, and then it
+  is refused with one clear error rather than failing at the first step.
+
+Autocast leaves the weights, the optimizer state and the loss in float32 (the cross-entropy
+runs in float32 under autocast on both devices).
+
+``compile_loss`` compiles the model's training function ``loss`` in place, so checkpoints keep
+their plain parameter names and decoding keeps the eager ``step``. Dynamo does not trace
+``nn.LSTM``: the recurrent net stays one fused cuDNN/oneDNN call and the graph breaks around
+it; the projection, the gather and the output layer with its cross-entropy are compiled.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from contextlib import AbstractContextManager
+from typing import Iterable, Optional
+
+import torch
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether autocast to ``dtype`` really runs the decoder's ops (a tiny LSTM and a linear
+    layer, forward and backward) on this device."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # older torch warns and disables autocast instead of raising
+        try:
+            lstm = torch.nn.LSTM(8, 8, batch_first=True).to(device_type)
+            linear = torch.nn.Linear(8, 8).to(device_type)
+            x = torch.randn(2, 3, 8, device=device_type)
+            with torch.autocast(device_type, dtype=dtype):
+                out = linear(lstm(x)[0])
+                ok = out.dtype == dtype
+            out.float().sum().backward()
+            return ok
+        except (RuntimeError, NotImplementedError):
+            return False
+
+
+class Precision:
+    """Autocast and (for fp16) loss scaling around one training step.
+
+    ``train_one_epoch`` runs ``with precision.autocast(): loss = model.loss(...)``, then
+    ``precision.backward(loss)`` and ``precision.step(optimizer, parameters, grad_clip)``.
+    With ``fp32`` these are plain ``loss.backward()``, clipping and ``optimizer.step()``.
+    """
+
+    def __init__(self, name: str = "fp32", device: torch.device | str = "cpu"):
+        if name not in PRECISIONS:
+            raise ValueError(f"train.precision={name!r}: choose one of {', '.join(PRECISIONS)}")
+        self.name = name
+        self.device_type = torch.device(device).type
+        self.dtype: Optional[torch.dtype] = PRECISIONS[name]
+        self.scaler = None
+        if self.dtype is None:
+            return
+        if self.device_type == "cuda" and self.dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise ValueError("train.precision=bf16: this GPU has no bfloat16 support; use fp16 or fp32")
+        if self.device_type != "cuda" and not _autocast_works(self.device_type, self.dtype):
+            raise ValueError(
+                f"train.precision={name} is not supported on {self.device_type} with torch {torch.__version__} "
+                f"(autocast to {self.dtype} cannot run the LSTM decoder here; oneDNN has no float16 LSTM on "
+                f"most CPUs). Use train.precision=bf16 or fp32 on CPU; fp16 is meant for CUDA.")
+        if self.dtype is torch.float16:
+            self.scaler = torch.amp.GradScaler(self.device_type)
+
+    def autocast(self) -> AbstractContextManager:
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step(self, optimizer, parameters: Iterable[torch.Tensor], grad_clip: float = 0.0) -> None:
+        """Clip (on unscaled gradients) and step; with fp16, a step whose gradients overflowed is
+        skipped and the loss scale lowered, as ``GradScaler`` does."""
+        if self.scaler is not None and grad_clip > 0:
+            self.scaler.unscale_(optimizer)
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+    # the loss scale belongs in checkpoints for an exact resume (empty unless fp16)
+    def state_dict(self) -> dict:
+        return {} if self.scaler is None else self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        return f"Precision({self.name!r}, {self.device_type!r})"
+
+
+def adam_options(device: torch.device | str) -> dict:
+    """``fused=True`` where this torch has a fused Adam for the device (CUDA; CPU since torch
+    2.4): one kernel over all parameters instead of about ten passes per tensor. At COCO size
+    the per-tensor Adam took a fifth of a CPU training step; the fused one about 1%."""
+    device = torch.device(device)
+    try:
+        torch.optim.Adam([torch.zeros(1, device=device, requires_grad=True)], fused=True)
+        return {"fused": True}
+    except (RuntimeError, TypeError, ValueError):
+        return {"foreach": True} if device.type == "cuda" else {}
+
+
+def _has_cxx_compiler() -> bool:
+    return any(shutil.which(c) for c in filter(None, (os.environ.get("CXX"), "g++", "c++", "clang++")))
+
+
+def compile_loss(model: torch.nn.Module, device: torch.device | str = "cpu", **options):
+    """Compile ``model.loss`` in place (an instance attribute over the method) and return the
+    model. The first steps are slow (compiling; again for a new caption length until dynamo
+    marks the length dynamic); later ones run the compiled graphs."""
+    if torch.device(device).type == "cpu" and not _has_cxx_compiler():
+        raise ValueError("train.compile=true on CPU needs a C++ compiler (g++ or clang++, or set CXX)")
+    model.loss = torch.compile(model.loss, **options)
+    return model
