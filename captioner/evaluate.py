@@ -30,24 +30,29 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", decode_cfg=None, d
                         output_dir: Optional[str] = None, device: str = "auto",
                         progress: bool = True) -> dict[str, Any]:
     """Decode ``split`` with the checkpoint's model and score it; returns the scores."""
-    from captioner.checkpoint import restore_model
+    from captioner.checkpoint import load_checkpoint, restore_model
     from captioner.datasets import load_records
-    from captioner.encoders import build_encoder
     from captioner.engine import evaluate
+    from captioner.features import compute_features
     from captioner.train import load_split_features, resolve_device
 
     device = resolve_device(device)
-    model, vocab, ckpt_cfg = restore_model(checkpoint, device)
+    ckpt = load_checkpoint(checkpoint)
+    model, vocab, ckpt_cfg, encoder = restore_model(ckpt, device, with_encoder=True)
+    finetuned = "encoder" in ckpt
+    del ckpt
     data_cfg = data_cfg if data_cfg is not None else ckpt_cfg.data
     decode_cfg = decode_cfg if decode_cfg is not None else ckpt_cfg.decode
     records = load_records(data_cfg).get(split)
     if not records:
         raise ValueError(f"split={split!r}: data set {data_cfg.name!r} has no images in that split")
-    encoder = build_encoder(ckpt_cfg.encoder.name, pretrained=ckpt_cfg.encoder.pretrained,
-                            weights=ckpt_cfg.encoder.weights)
-    feature_cfg = OmegaConf.create({"data": OmegaConf.to_container(data_cfg), "encoder": ckpt_cfg.encoder,
-                                    "train": {"progress": progress}})
-    features = load_split_features(feature_cfg, encoder, {split: records}, device)[split]
+    if finetuned:  # the cache holds the original encoder's features (and one cache per split and encoder name)
+        enc = ckpt_cfg.encoder
+        features = compute_features(encoder, records, enc.cache_dtype, enc.batch_size, enc.num_workers, device)
+    else:
+        feature_cfg = OmegaConf.create({"data": OmegaConf.to_container(data_cfg), "encoder": ckpt_cfg.encoder,
+                                        "train": {"progress": progress}})
+        features = load_split_features(feature_cfg, encoder, {split: records}, device)[split]
     scores, results = evaluate(model, features, records, vocab, decode_cfg, device, metrics=list(metrics),
                                tokenizer=tokenizer, progress=progress)
 
@@ -82,8 +87,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+def hydra_main(cfg: DictConfig) -> None:
+    from captioner.cli import known_errors
+
+    with known_errors():
+        run(cfg)
+
+
+def main() -> None:
+    """A config mistake or a known error (missing file, bad checkpoint) is one line and exit 1."""
+    from captioner import cli
+
+    cli.run(hydra_main, "evaluate")
 
 
 if __name__ == "__main__":

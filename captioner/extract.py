@@ -42,11 +42,20 @@ def extract(cfg: DictConfig) -> dict[str, SplitFeatures]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
-    extract(cfg)
+def hydra_main(cfg: DictConfig) -> None:
+    from captioner.cli import known_errors
+
+    with known_errors():
+        extract(cfg)
+
+
+def main() -> None:
+    from captioner import cli
+
+    if not any(a.startswith("hydra.run.dir=") for a in sys.argv[1:]):  # train.yaml's default is outputs/train/
+        sys.argv.append("hydra.run.dir=outputs/extract/${now:%Y-%m-%d_%H-%M-%S}")
+    cli.run(hydra_main, "train")
 
 
 if __name__ == "__main__":
-    if not any(a.startswith("hydra.run.dir=") for a in sys.argv[1:]):  # train.yaml's default is outputs/train/
-        sys.argv.append("hydra.run.dir=outputs/extract/${now:%Y-%m-%d_%H-%M-%S}")
     main()
