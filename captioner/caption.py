@@ -91,21 +91,15 @@ class Captioner:
         Raises ``CheckpointError`` (missing, unsafe or mismatched file) or
         ``WeightsUnavailableError`` (encoder weights cannot be found), each with a one-line message.
         """
-        from captioner.checkpoint import CheckpointError, restore_model
-        from captioner.encoders import build_encoder
+        from captioner.checkpoint import restore_model
 
         device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         # Building modules draws their initial weights from the global RNG: fork it, so loading a
-        # captioner leaves the caller's random state alone. An encoder with random weights
-        # (pretrained=false, in tests) is drawn from the training seed, so it is the same each time.
+        # captioner leaves the caller's random state alone. The encoder (random weights from the
+        # training seed with pretrained=false, in tests; fine-tuned ones when the checkpoint has
+        # them) comes from restore_model too.
         with torch.random.fork_rng(devices=[]):
-            model, vocab, cfg = restore_model(path, device)
-            enc = cfg.encoder
-            torch.manual_seed(int(OmegaConf.select(cfg, "train.seed", default=0)))
-            encoder = build_encoder(enc.name, pretrained=enc.pretrained, weights=enc.weights)
-        if encoder.feature_dim != model.feature_dim:
-            raise CheckpointError(f"{path}: encoder {enc.name} gives {encoder.feature_dim}-d features but the "
-                                  f"decoder expects {model.feature_dim}")
+            model, vocab, cfg, encoder = restore_model(path, device, with_encoder=True)
         return cls(model, vocab, encoder, device, OmegaConf.select(cfg, "encoder.cache_dtype", default="float32"))
 
     @torch.no_grad()

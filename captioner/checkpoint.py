@@ -137,8 +137,11 @@ def check_resumable(ckpt: dict[str, Any], path: str | Path, vocab_words: list[st
                               "resume with the model settings it was trained with")
 
 
-def restore_model(checkpoint: dict[str, Any] | str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, vocabulary, config) from a checkpoint written by training."""
+def restore_model(checkpoint: dict[str, Any] | str | Path, device: str | torch.device = "cpu",
+                  with_encoder: bool = False):
+    """(model in eval mode, vocabulary, config) from a checkpoint written by training; with
+    ``with_encoder``, (model, vocabulary, config, encoder): the encoder it was trained with, frozen,
+    carrying the checkpoint's fine-tuned weights when it has them (key ``encoder``)."""
     from omegaconf import OmegaConf
 
     from captioner.model import build_model
@@ -158,4 +161,31 @@ def restore_model(checkpoint: dict[str, Any] | str | Path, device: str | torch.d
             f"checkpoint weights do not fit its model config/vocabulary ({len(vocab)} words): "
             f"{str(err).splitlines()[-1].strip()}"
         ) from None
-    return model.to(device).eval(), vocab, cfg
+    if not with_encoder:
+        return model.to(device).eval(), vocab, cfg
+    return model.to(device).eval(), vocab, cfg, restore_encoder(ckpt, cfg, device)
+
+
+def restore_encoder(ckpt: dict[str, Any], cfg, device: str | torch.device = "cpu"):
+    """The checkpoint's encoder (frozen, eval mode): built from its config, then its fine-tuned
+    weights loaded when it has them. Building draws random weights (pretrained=false, in tests)
+    from the training seed, as training did, without touching the caller's random state."""
+    from omegaconf import OmegaConf
+
+    from captioner.encoders import build_encoder
+
+    enc = cfg.encoder
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(OmegaConf.select(cfg, "train.seed", default=0)))
+        encoder = build_encoder(enc.name, pretrained=enc.pretrained and "encoder" not in ckpt,
+                                weights=enc.weights if "encoder" not in ckpt else None)
+    if "encoder" in ckpt:
+        try:
+            encoder.load_state_dict(ckpt["encoder"])
+        except RuntimeError as err:
+            raise CheckpointError(f"the checkpoint's encoder weights do not fit encoder {enc.name}: "
+                                  f"{str(err).splitlines()[-1].strip()}") from None
+    if encoder.feature_dim != int(ckpt["feature_dim"]):
+        raise CheckpointError(f"encoder {enc.name} gives {encoder.feature_dim}-d features but the decoder "
+                              f"expects {ckpt['feature_dim']}")
+    return encoder.to(device).eval()

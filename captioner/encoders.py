@@ -80,13 +80,21 @@ class Encoder(nn.Module):
         self.requires_grad_(False)
         return super().train(False)
 
-    def unfreeze(self) -> "Encoder":
+    def unfreeze(self, batchnorm: bool = False) -> "Encoder":
+        """Trainable weights. BatchNorm layers stay in eval mode (their running statistics fixed,
+        their scale and shift still trained) unless ``batchnorm``: fine-tuning batches are small."""
         self.frozen = False
+        self.frozen_batchnorm = not batchnorm
         self.requires_grad_(True)
-        return self
+        return self.train(self.training)
 
     def train(self, mode: bool = True) -> "Encoder":
-        return super().train(mode and not getattr(self, "frozen", False))
+        super().train(mode and not getattr(self, "frozen", False))
+        if mode and getattr(self, "frozen_batchnorm", False):
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
 
 # --- EfficientNet-Lite0 -------------------------------------------------------------

@@ -44,18 +44,45 @@ class CaptionBatches:
         return math.ceil(len(self.rows) / self.batch_size)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for rows, tokens in self.epoch_rows(epoch, start):
+            yield torch.from_numpy(np.asarray(self.features[rows.numpy()], dtype=np.float32)), tokens
+
+    def epoch_rows(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of ``epoch`` from ``start`` as (image rows of the records, tokens)."""
         order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
         for b in range(start, len(self)):
             pairs = order[b * self.batch_size : (b + 1) * self.batch_size]
-            rows = self.rows[pairs]
-            features = torch.from_numpy(np.asarray(self.features[rows.numpy()], dtype=np.float32))
-            tokens = self.tokens[pairs, : int(self.lengths[pairs].max())]
-            yield features, tokens
+            yield self.rows[pairs], self.tokens[pairs, : int(self.lengths[pairs].max())]
+
+    def epoch_images(self, epoch: int, records: Sequence[ImageRecord], spec: dict, start: int = 0,
+                     num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The same batches as ``epoch`` with each pair's image instead of its feature: (uint8
+        images [B, 3, H, W] as the encoder's ``transform_spec`` crops them, tokens). Images are read
+        in ``num_workers`` DataLoader workers; ``captioner.features.Normalize(spec)`` finishes them."""
+        from torch.utils.data import DataLoader
+
+        from captioner.features import ImageFiles, collate, uint8_transform
+        from captioner.images import BadImageError
+
+        batches = list(self.epoch_rows(epoch, start))
+        # A private generator: worker seeds must not draw from (and shift) the global RNG.
+        loader = DataLoader(ImageFiles([r.path for r in records], uint8_transform(spec)),
+                            batch_sampler=[rows.tolist() for rows, _ in batches], num_workers=num_workers,
+                            collate_fn=collate, generator=torch.Generator().manual_seed(0))
+        for (_, images, bad), (_, tokens) in zip(loader, batches):
+            if bad:
+                raise BadImageError(bad[0][1])
+            yield images, tokens
 
 
 def train_one_epoch(model, optimizer, scheduler, batches, device, grad_clip: float = 0.0,
-                    progress=None, on_step=None, precision: Optional[Precision] = None) -> tuple[float, int]:
+                    progress=None, on_step=None, precision: Optional[Precision] = None,
+                    encode=None) -> tuple[float, int]:
     """One pass over ``batches``; returns the mean loss per real token and the number of steps.
+
+    ``encode`` (fine-tuning the CNN) turns a batch's inputs into features inside the step, so the
+    loss reaches the encoder: then ``batches`` yields (images, tokens), not (features, tokens).
+    Gradient clipping covers every parameter the optimizer holds (decoder and encoder).
 
     ``precision`` (``captioner.precision.Precision``; default fp32) adds autocast around the
     loss and, for fp16, loss scaling around backward and the optimizer step.
@@ -68,13 +95,15 @@ def train_one_epoch(model, optimizer, scheduler, batches, device, grad_clip: flo
     for features, tokens in batches:
         features, tokens = features.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
         with precision.autocast():
+            if encode is not None:
+                features = encode(features)
             loss, n_tokens = model.loss(features, tokens)
         value = loss.item()
         if not math.isfinite(value):
             raise FloatingPointError(f"training loss became {value}; lower optim.lr or check the data")
         optimizer.zero_grad(set_to_none=True)
         precision.backward(loss)
-        precision.step(optimizer, model.parameters(), grad_clip)
+        precision.step(optimizer, [p for group in optimizer.param_groups for p in group["params"]], grad_clip)
         if scheduler is not None:
             scheduler.step()
         total_loss += value * n_tokens

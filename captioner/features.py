@@ -339,3 +339,17 @@ def cached_features(encoder, records: list[ImageRecord], cache_dir: str | Path, 
     line up with ``records``). ``split_features`` also offers skipping them."""
     return split_features(encoder, records, cache_dir, split, dtype=dtype, batch_size=batch_size,
                           num_workers=num_workers, device=device, progress=progress).features
+
+
+def compute_features(encoder, records: Sequence[ImageRecord], dtype: str = "float16", batch_size: int = 32,
+                     num_workers: int = 0, device: str | torch.device = "cpu") -> np.ndarray:
+    """Features [len(records), D] computed now, in memory, not cached: for an encoder whose weights
+    change (fine-tuning) or were fine-tuned (a checkpoint's own encoder), which a cache keyed by the
+    original weights does not describe. Rounded to ``dtype`` as the cache is, so decoding them gives
+    the captions ``Captioner`` gives; any unreadable image is an error."""
+    out = np.zeros((len(records), encoder.feature_dim), dtype=np.float32)
+    for indices, feats, bad in encode_images(encoder, [r.path for r in records], batch_size, num_workers, device):
+        if bad:
+            raise BadImageError(bad[0][1])
+        out[indices] = feats.to(getattr(torch, dtype)).float().cpu().numpy()
+    return out

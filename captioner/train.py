@@ -30,7 +30,7 @@ from captioner.config import CONF_DIR
 from captioner.datasets import load_records
 from captioner.encoders import build_encoder
 from captioner.engine import CaptionBatches, evaluate, train_one_epoch
-from captioner.features import all_split_features, cached_features
+from captioner.features import Normalize, all_split_features, cached_features, compute_features
 from captioner.io import atomic_write, atomic_write_text
 from captioner.model import build_model
 from captioner.precision import Precision, adam_options, compile_loss
@@ -240,7 +240,8 @@ def _train(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, stop: S
                                       batch_size=cfg.encoder.batch_size, num_workers=cfg.encoder.num_workers,
                                       device=device, progress=cfg.train.progress and ctx.local_rank == 0,
                                       on_bad_image=cfg.data.on_bad_image)
-        del encoder  # training reads cached features only
+        if cfg.encoder.finetune_after < 0:
+            del encoder  # training reads cached features only
     features = {split: f.features for split, f in computed.items()}
     records = {split: f.records for split, f in computed.items()}
     vocab = Vocabulary.build((c for r in records["train"] for c in r.captions), cfg.data.min_count)
@@ -255,7 +256,14 @@ def _train(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, stop: S
     precision = Precision(cfg.train.precision, device)  # autocast (+ loss scaling for fp16)
     if cfg.train.compile:
         compile_loss(model, device)  # in place: state_dict names and eager decoding unchanged
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+    finetune_after = cfg.encoder.finetune_after  # from this step on the encoder trains too (-1: never)
+    if finetune_after >= 0 and ctx.enabled:
+        raise ValueError("encoder.finetune_after is not supported under torchrun yet: fine-tune in one process")
+    param_groups = [{"params": list(model.parameters())}]
+    if finetune_after >= 0:  # its own group from the start (no gradients until then), so checkpoints keep one shape
+        encoder.to(device)
+        param_groups.append({"params": list(encoder.parameters()), "lr": cfg.encoder.finetune_lr})
+    optimizer = torch.optim.Adam(param_groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                  weight_decay=cfg.optim.weight_decay, **adam_options(device))
     batches = CaptionBatches(features["train"], records["train"], vocab, cfg.data.max_length,
                              cfg.train.batch_size, seed=cfg.train.seed)
@@ -278,6 +286,8 @@ def _train(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, stop: S
     if resume is not None:
         state = restore_training(ckpt, resume, cfg, ctx, device, model, optimizer, scheduler, vocab, feature_dim)
         precision.load_state_dict(ckpt.get("scaler") or {})  # fp16's loss scale
+        if finetune_after >= 0 and "encoder" in ckpt:
+            encoder.load_state_dict(ckpt["encoder"])  # fine-tuned weights (the optimizer has its second group)
         saved_step = state.step
         log.info("resumed from %s: step %d, epoch %d, batch %d of %d", resume, state.step, state.epoch + 1,
                  state.batch, len(batches))
@@ -304,6 +314,8 @@ def _train(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, stop: S
                                                          "seconds": state.seconds},
                     "best_metric": state.best, "metrics": state.history[-1] if state.history else None,
                     "history": list(state.history), "rng": rng, "world_size": ctx.world_size}
+            if finetuning():  # the cached features no longer describe the encoder: it travels along
+                ckpt["encoder"] = encoder.state_dict()
             for path in paths:
                 save_checkpoint(path, ckpt)
         saved_step = state.step
@@ -312,6 +324,27 @@ def _train(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, stop: S
         name = signal.Signals(stop.signum).name
         return Interrupted(stop.signum, f"interrupted ({name}) at step {state.step}; saved {last_path}; "
                                         f"resume with train.resume=auto train.out_dir={out_dir}")
+
+    def finetuning() -> bool:
+        return finetune_after >= 0 and state.step >= finetune_after
+
+    def finetune_batches(epoch: int):
+        """The rest of the epoch as (images, tokens), the encoder unfrozen (BatchNorm kept in eval mode)."""
+        if encoder.frozen:
+            encoder.unfreeze().train()
+            log.info("step %d: fine-tuning the encoder from here on (encoder.finetune_lr=%g)", state.step,
+                     cfg.encoder.finetune_lr)
+        images = batches.epoch_images(epoch, records["train"], encoder.transform_spec(), start=state.batch,
+                                      num_workers=cfg.encoder.num_workers)
+        if cfg.train.max_steps:
+            images = itertools.islice(images, cfg.train.max_steps - state.step)
+        return images
+
+    if finetune_after >= 0:
+        normalize = Normalize(encoder.transform_spec()).to(device)
+
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            return encoder(normalize(images))
 
     from tqdm import tqdm
 
@@ -324,6 +357,8 @@ def _train(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, stop: S
                 raise interrupted()
             started = time.perf_counter() - state.seconds
             epoch_batches = batches.epoch(epoch, start=state.batch)
+            if finetune_after >= 0:  # from cached features up to step finetune_after, from images after
+                epoch_batches = itertools.islice(epoch_batches, max(0, finetune_after - state.step))
             if cfg.train.max_steps:
                 epoch_batches = itertools.islice(epoch_batches, cfg.train.max_steps - state.step)
             if ctx.enabled:
@@ -348,7 +383,15 @@ def _train(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, stop: S
                       disable=not (cfg.train.progress and ctx.is_main), leave=False) as bar:
                 train_one_epoch(step_model, optimizer, scheduler, epoch_batches, device, cfg.optim.grad_clip,
                                 progress=bar, on_step=on_step, precision=precision)
+                if finetuning() and state.batch < len(batches) and not (
+                        cfg.train.max_steps and state.step >= cfg.train.max_steps):
+                    train_one_epoch(step_model, optimizer, scheduler, finetune_batches(epoch), device,
+                                    cfg.optim.grad_clip, progress=bar, on_step=on_step, precision=precision,
+                                    encode=encode)
             train_loss = state.loss_sum / max(state.tokens, 1)
+            if finetuning():  # the cache describes the original encoder: encode val with the current one
+                val_features = compute_features(encoder, val_records, cfg.encoder.cache_dtype, cfg.encoder.batch_size,
+                                                cfg.encoder.num_workers, device)
             scores, _ = evaluate(model, val_features, val_records, vocab, cfg.decode, device,
                                  shards=ctx if ctx.enabled else None)
             row = {"epoch": epoch + 1, "step": state.step, "train/loss": round(train_loss, 5),

@@ -79,7 +79,7 @@ def run(argv=None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads of the CNN")
     parser.add_argument("--num-images", type=int, default=96, help="per run (VGG: 48); the first batch is not timed")
     parser.add_argument("--batch-size", type=int, default=0, help="0: the encoder's config (32, VGG 16)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--images", type=Path, default=FLICKR, help="a folder of JPEGs (default: shared Flickr8k)")
     parser.add_argument("--synthetic", action="store_true", help="synthesise 500x375 JPEGs instead")
     args = parser.parse_args(argv)

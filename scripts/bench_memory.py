@@ -127,7 +127,7 @@ def run(argv=None) -> list[dict]:
         with open(cache, "rb") as f:  # start cold, as a cache on disk does: out of the page cache
             os.fsync(f.fileno())
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        argv_child = [sys.executable, __file__, "--cache", str(cache), *[a for a in (argv or sys.argv[1:])]]
+        argv_child = [sys.executable, __file__, "--cache", str(cache), *(sys.argv[1:] if argv is None else argv)]
         out = subprocess.run(argv_child, capture_output=True, text=True)
         if out.returncode:
             raise RuntimeError(f"the measuring process failed:\n{out.stderr[-3000:]}")

@@ -205,13 +205,14 @@ def run(argv: list[str] | None = None) -> list[dict]:
           f"{' (OMP_WAIT_POLICY=' + os.environ['OMP_WAIT_POLICY'] + ')' if 'OMP_WAIT_POLICY' in os.environ else ''}, "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, "
           f"load average {load:.1f} at start")
-    if device.type == "cpu" and torch.get_num_threads() > 1 and load > (os.cpu_count() or 1):
+    passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+    if device.type == "cpu" and torch.get_num_threads() > 1 and not passive and load > (os.cpu_count() or 1):
         print(f"note: the machine is busy (load {load:.1f} on {os.cpu_count()} cores); with {torch.get_num_threads()} "
               "spinning OpenMP threads the LSTM suffers more than the matmul; --threads 1 or "
               "OMP_WAIT_POLICY=PASSIVE measure the model rather than the contention")
     print(f"vocab {V}, embed {E}, hidden {H}, feature {Fd}, batch {B}, inject first_input, dropout 0.5, "
           f"grad_clip {args.grad_clip}, Adam {adam_options(device) or 'per-tensor'}; "
-          f"best of {args.repeats} interleaved steps", flush=True)
+          f"{args.repeats} interleaved rounds", flush=True)
 
     warmup_start = time.perf_counter()
     for fn, *_ in cases.values():  # first-call allocations, oneDNN primitive setup, compilation
