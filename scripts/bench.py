@@ -3,6 +3,7 @@
     python scripts/bench.py              # every benchmark, one table each
     python scripts/bench.py decode       # greedy vs batched beam vs per-image beam
     python scripts/bench.py features     # pipeline vs model-only images/s
+    python scripts/bench.py memory       # peak RSS training from a COCO-size memory-mapped cache
     python scripts/bench.py train        # training step efficiency vs plain matmul GFLOP/s
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-BENCHMARKS = {"features": "bench_features", "train": "bench_train", "decode": "bench_decode"}
+BENCHMARKS = {"features": "bench_features", "memory": "bench_memory", "train": "bench_train", "decode": "bench_decode"}
 
 
 def machine() -> str:
