@@ -56,15 +56,6 @@ class CaptionError(RuntimeError):
     """A problem the user can fix (no images, no checkpoint, ...); the CLI prints it as one line."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CaptionError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
-    return device
-
-
 def decode_config(decode: Any = None, **overrides) -> DictConfig:
     """A typed ``decode`` node: the schema's defaults, then ``decode`` (a DecodeConfig, a mapping
     or a DictConfig), then ``overrides``. A misspelled option fails here, before any work."""
@@ -92,6 +83,7 @@ class Captioner:
         ``WeightsUnavailableError`` (encoder weights cannot be found), each with a one-line message.
         """
         from captioner.checkpoint import restore_model
+        from captioner.train import resolve_device
 
         device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         # Building modules draws their initial weights from the global RNG: fork it, so loading a
@@ -229,7 +221,7 @@ def run(cfg: DictConfig) -> dict:
 
     try:
         summary = caption_folder(cfg)
-    except (CaptionError, CheckpointError, WeightsUnavailableError) as err:
+    except (CaptionError, CheckpointError, WeightsUnavailableError, ValueError) as err:
         sys.exit(f"error: {' '.join(str(err).split())}")
     print(_summary(summary))
     return summary

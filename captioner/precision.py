@@ -109,7 +109,8 @@ class Precision:
 def adam_options(device: torch.device | str) -> dict:
     """``fused=True`` where this torch has a fused Adam for the device (CUDA; CPU since torch
     2.4): one kernel over all parameters instead of about ten passes per tensor. At COCO size
-    the per-tensor Adam took a fifth of a CPU training step; the fused one about 1%."""
+    (13.9M parameters) an Adam step took 21 ms fused against 79 ms per-tensor on one CPU thread,
+    and 32 ms against 275 ms with two threads on a busy shared machine."""
     device = torch.device(device)
     try:
         torch.optim.Adam([torch.zeros(1, device=device, requires_grad=True)], fused=True)

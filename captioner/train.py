@@ -42,7 +42,10 @@ log = logging.getLogger("captioner.train")
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here; use cpu or auto")
+    return device
 
 
 def seed_everything(seed: int) -> None:

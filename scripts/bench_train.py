@@ -175,7 +175,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
         model = ShowTell(V, Fd, embed_dim=E, hidden_dim=H).to(device)
         if compiled:
             compile_loss(model, device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=2e-3, **(adam if adam is not None else adam_options(device)))
+        options = adam if adam is not None else adam_options(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=2e-3, **options)
         label = precision_name + (", compiled" if compiled else "") + (", per-tensor Adam" if adam else "")
 
         def step(tokens, model=model, optimizer=optimizer, precision=precision):
@@ -273,6 +274,10 @@ def run(argv: list[str] | None = None) -> list[dict]:
         print(f"{r['case']:<40} {r['seconds']:>7.3f} {r['median_seconds']:>7.3f} {r['real_tokens']:>6} "
               f"{r['tokens_per_s']:>7.0f} {r['gflop']:>6.1f} {r['gflops']:>8.1f} {r['pct_of_matmul']:>7.1f} "
               f"{r[mem_key]:>13.0f}")
+    if device.type == "cpu":
+        print(f"process peak RSS {max(r['peak_rss_mib'] for r in rows):.0f} MiB (torch, data and "
+              f"{len(variants)} model(s) with Adam state, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+              f"parameters each)")
     for r in rows:
         if "pct_of_all_long" in r:
             print(f"padding check ({r['case'].split(' | ')[1]}): {short} takes {r['pct_of_all_long']:.0f}% "

@@ -159,7 +159,8 @@ def test_bench_train_smoke():
     assert rows[1]["real_tokens"] == 6 * 9 and rows[2]["real_tokens"] == 6 * 17
     assert "pct_of_all_long" in rows[1] and "pct_of_matmul" in rows[0]
     # the analytic count agrees with the formula the docstring states
-    assert bench_train.step_flops(6, 54, 16, 8, 12, 50) == 3 * (2 * 6 * 16 * 8 + (6 + 54) * 2 * 20 * 48 + 2 * 54 * 12 * 50)
+    expected = 3 * (2 * 6 * 16 * 8 + (6 + 54) * 2 * (8 + 12) * 4 * 12 + 2 * 54 * 12 * 50)
+    assert bench_train.step_flops(6, 54, 16, 8, 12, 50) == expected
 
 
 def test_train_entry_point_takes_the_options(tiny_cfg):
