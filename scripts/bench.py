@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import importlib
-import platform
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +20,9 @@ BENCHMARKS = {"features": "bench_features", "memory": "bench_memory", "train": "
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+    from bench_train import cpu_name
+
+    cpu = f"{cpu_name()} ({os.cpu_count()} cores)"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {torch.get_num_threads()} torch threads, {gpu}, torch {torch.__version__}"
 
