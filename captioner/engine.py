@@ -25,18 +25,22 @@ class CaptionBatches:
 
     def __init__(self, features: np.ndarray, records: Sequence[ImageRecord], vocab: Vocabulary,
                  max_length: int, batch_size: int, seed: int = 0):
-        rows, encoded = [], []
+        count = sum(len(record.captions) for record in records)
+        if not count:
+            raise ValueError("the training split has no captions")
+        # Filled in place (no list of lists): COCO has 616k captions, and memory should be the tensor.
+        tokens = np.full((count, max_length + 2), PAD_ID, dtype=np.int64)  # + <bos>, <eos>
+        rows = np.empty(count, dtype=np.int64)
+        i = 0
         for row, record in enumerate(records):
             for caption in record.captions:
-                rows.append(row)
-                encoded.append(vocab.encode(caption, max_length))
-        if not encoded:
-            raise ValueError("the training split has no captions")
-        self.tokens = torch.full((len(encoded), max(map(len, encoded))), PAD_ID, dtype=torch.long)
-        for i, ids in enumerate(encoded):
-            self.tokens[i, : len(ids)] = torch.tensor(ids)
-        self.lengths = (self.tokens != PAD_ID).sum(dim=1)
-        self.rows = torch.tensor(rows)
+                ids = vocab.encode(caption, max_length)
+                tokens[i, : len(ids)] = ids
+                rows[i] = row
+                i += 1
+        self.lengths = torch.from_numpy((tokens != PAD_ID).sum(axis=1))
+        self.tokens = torch.from_numpy(tokens[:, : int(self.lengths.max())].copy())
+        self.rows = torch.from_numpy(rows)
         self.features = features
         self.batch_size, self.seed = batch_size, seed
 

@@ -51,9 +51,11 @@ def memory() -> dict:
     if os.path.exists("/proc/self/status"):
         for line in open("/proc/self/status"):
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
                 status[key] = int(value.split()[0]) / 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    # VmHWM is this process's own high-water mark; ru_maxrss survives exec, so a child started
+    # by a process that ran bigger benchmarks would report the parent's peak.
+    peak = status.get("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"rss": status.get("VmRSS"), "peak": peak, "anon": status.get("RssAnon"), "file": status.get("RssFile")}
 
 
