@@ -227,25 +227,6 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
-def _one_line(err: BaseException) -> str:
-    """Hydra's composition errors span several lines; the first line of the error and of its
-    cause name the key and the problem, and a missing group option gets the available ones."""
-    parts, text = [], str(err)
-    while err is not None and len(parts) < 2:
-        lines = str(err).strip().splitlines()
-        if lines:
-            parts.append(lines[0].strip())
-        err = err.__cause__
-    if "Available options" in text:  # e.g. decode=bem: "Available options in 'decode':\n\tbeam\n..."
-        options = []
-        for line in text.split("Available options", 1)[1].splitlines()[1:]:
-            if not line.startswith(("\t", " ")):
-                break
-            options.append(line.strip())
-        parts.append(f"(choose {', '.join(options)})")
-    return " ".join(parts) or "invalid configuration"
-
-
 def normalize_argv(argv: Sequence[str]) -> list[str]:
     """Hydra takes only key=value overrides: the first bare argument is the folder."""
     argv = list(argv)
@@ -261,31 +242,19 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
     return argv
 
 
-def check_overrides(overrides: Sequence[str]) -> None:
-    """Compose the config once before Hydra runs, so a misspelled key or a bad value exits with
-    one line instead of Hydra's multi-line report."""
-    from hydra import compose, initialize_config_dir
-
-    try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            compose("caption", overrides=list(overrides))
-    except Exception as err:  # any composition error: unknown key, wrong type, bad syntax
-        sys.exit(f"error: {_one_line(err)}")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     import hydra
 
+    from captioner import cli
+
     argv = normalize_argv(sys.argv[1:] if argv is None else argv)
-    if not any(a.startswith("-") for a in argv):
-        check_overrides(argv)
     sys.argv = [sys.argv[0], *argv]
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="caption")
     def _main(cfg: DictConfig) -> None:
         run(cfg)
 
-    _main()
+    cli.run(_main, "caption", argv)  # a config mistake is one line before Hydra starts
 
 
 if __name__ == "__main__":
