@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from captioner.config import CONF_DIR
@@ -25,34 +26,50 @@ from captioner.metrics import format_scores, score_results_file
 log = logging.getLogger("captioner.evaluate")
 
 
-def evaluate_checkpoint(checkpoint: str, split: str = "test", decode_cfg=None, data_cfg=None,
-                        metrics=("bleu", "meteor", "rouge", "cider"), tokenizer: str = "auto",
-                        output_dir: Optional[str] = None, device: str = "auto",
-                        progress: bool = True) -> dict[str, Any]:
-    """Decode ``split`` with the checkpoint's model and score it; returns the scores."""
+def checkpoint_split(checkpoint: str, split: str, data_cfg=None, device: str | torch.device = "auto",
+                     progress: bool = True):
+    """(model, vocab, checkpoint config, records, features) for decoding ``split`` with a checkpoint.
+
+    Features come from the cache of the checkpoint's encoder, or are computed afresh when the
+    checkpoint carries fine-tuned encoder weights (the cache describes the original ones).
+    ``data_cfg`` None means the data set the checkpoint was trained on.
+    """
     from captioner.checkpoint import load_checkpoint, restore_model
     from captioner.datasets import load_records
-    from captioner.engine import evaluate
-    from captioner.features import compute_features
-    from captioner.train import load_split_features, resolve_device
+    from captioner.features import compute_features, split_features
+    from captioner.train import feature_cache_dir, resolve_device
 
-    device = resolve_device(device)
+    device = resolve_device(device) if isinstance(device, str) else device
     ckpt = load_checkpoint(checkpoint)
     model, vocab, ckpt_cfg, encoder = restore_model(ckpt, device, with_encoder=True)
     finetuned = "encoder" in ckpt
     del ckpt
     data_cfg = data_cfg if data_cfg is not None else ckpt_cfg.data
-    decode_cfg = decode_cfg if decode_cfg is not None else ckpt_cfg.decode
     records = load_records(data_cfg).get(split)
     if not records:
         raise ValueError(f"split={split!r}: data set {data_cfg.name!r} has no images in that split")
-    if finetuned:  # the cache holds the original encoder's features (and one cache per split and encoder name)
-        enc = ckpt_cfg.encoder
+    enc = ckpt_cfg.encoder
+    if finetuned:
         features = compute_features(encoder, records, enc.cache_dtype, enc.batch_size, enc.num_workers, device)
     else:
-        feature_cfg = OmegaConf.create({"data": OmegaConf.to_container(data_cfg), "encoder": ckpt_cfg.encoder,
-                                        "train": {"progress": progress}})
-        features = load_split_features(feature_cfg, encoder, {split: records}, device)[split]
+        features = split_features(encoder, records, feature_cache_dir(data_cfg, enc), split, dtype=enc.cache_dtype,
+                                  batch_size=enc.batch_size, num_workers=enc.num_workers, device=device,
+                                  progress=progress).features
+    return model, vocab, ckpt_cfg, records, features
+
+
+def evaluate_checkpoint(checkpoint: str, split: str = "test", decode_cfg=None, data_cfg=None,
+                        metrics=("bleu", "meteor", "rouge", "cider"), tokenizer: str = "auto",
+                        output_dir: Optional[str] = None, device: str = "auto",
+                        progress: bool = True) -> dict[str, Any]:
+    """Decode ``split`` with the checkpoint's model and score it; returns the scores."""
+    from captioner.engine import evaluate
+    from captioner.train import resolve_device
+
+    device = resolve_device(device)
+    model, vocab, ckpt_cfg, records, features = checkpoint_split(checkpoint, split, data_cfg, device, progress)
+    data_cfg = data_cfg if data_cfg is not None else ckpt_cfg.data
+    decode_cfg = decode_cfg if decode_cfg is not None else ckpt_cfg.decode
     scores, results = evaluate(model, features, records, vocab, decode_cfg, device, metrics=list(metrics),
                                tokenizer=tokenizer, progress=progress)
 

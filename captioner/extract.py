@@ -27,7 +27,8 @@ def extract(cfg: DictConfig) -> dict[str, SplitFeatures]:
     records = load_records(cfg.data)
     encoder = build_encoder(cfg.encoder.name, pretrained=cfg.encoder.pretrained, weights=cfg.encoder.weights)
     results = all_split_features(
-        encoder, records, feature_cache_dir(cfg), dtype=cfg.encoder.cache_dtype, batch_size=cfg.encoder.batch_size,
+        encoder, records, feature_cache_dir(cfg.data, cfg.encoder), dtype=cfg.encoder.cache_dtype,
+        batch_size=cfg.encoder.batch_size,
         num_workers=cfg.encoder.num_workers, device=resolve_device(cfg.train.device), progress=cfg.train.progress,
         on_bad_image=cfg.data.on_bad_image)
     for split, r in results.items():

@@ -30,7 +30,7 @@ from captioner.config import CONF_DIR
 from captioner.datasets import load_records
 from captioner.encoders import build_encoder
 from captioner.engine import CaptionBatches, evaluate, train_one_epoch
-from captioner.features import Normalize, all_split_features, cached_features, compute_features
+from captioner.features import Normalize, all_split_features, compute_features
 from captioner.io import atomic_write, atomic_write_text
 from captioner.model import build_model
 from captioner.precision import Precision, adam_options, compile_loss
@@ -72,17 +72,8 @@ def make_scheduler(optimizer, optim_cfg, steps_per_epoch: int, total_steps: int)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def feature_cache_dir(cfg) -> Path:
-    return Path(cfg.encoder.cache_dir or Path(cfg.data.root) / "features")
-
-
-def load_split_features(cfg, encoder, records, device) -> dict[str, np.ndarray]:
-    return {
-        split: cached_features(encoder, recs, feature_cache_dir(cfg), split, dtype=cfg.encoder.cache_dtype,
-                               batch_size=cfg.encoder.batch_size, num_workers=cfg.encoder.num_workers,
-                               device=device, progress=cfg.train.progress)
-        for split, recs in records.items() if recs
-    }
+def feature_cache_dir(data_cfg, encoder_cfg) -> Path:
+    return Path(encoder_cfg.cache_dir or Path(data_cfg.root) / "features")
 
 
 def plot_history(history: list[dict], path: Path, monitor: str) -> None:
@@ -239,7 +230,8 @@ def _train(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, stop: S
             raise ValueError(f"data.name={cfg.data.name}: the training split has no captioned images")
         encoder = build_encoder(cfg.encoder.name, pretrained=cfg.encoder.pretrained, weights=cfg.encoder.weights)
         # data.on_bad_image=skip drops unreadable images from the records as well as the features
-        computed = all_split_features(encoder, records, feature_cache_dir(cfg), dtype=cfg.encoder.cache_dtype,
+        computed = all_split_features(encoder, records, feature_cache_dir(cfg.data, cfg.encoder),
+                                      dtype=cfg.encoder.cache_dtype,
                                       batch_size=cfg.encoder.batch_size, num_workers=cfg.encoder.num_workers,
                                       device=device, progress=cfg.train.progress and ctx.local_rank == 0,
                                       on_bad_image=cfg.data.on_bad_image)
