@@ -108,7 +108,7 @@ def resolve_resume(resume: Optional[str], out_dir: str | Path) -> Optional[Path]
     return path
 
 
-SHAPE_KEYS = ("inject", "cell", "num_layers", "embed_dim", "hidden_dim")
+SHAPE_KEYS = ("inject", "cell", "num_layers", "embed_dim", "hidden_dim", "tie_embeddings")
 
 
 def check_resumable(ckpt: dict[str, Any], path: str | Path, vocab_words: list[str], feature_dim: int,

@@ -58,6 +58,8 @@ class ModelConfig:
     embed_dim: int = 256
     hidden_dim: int = 512
     dropout: float = 0.5
+    tie_embeddings: bool = False  # output layer shares the word embedding (needs embed_dim == hidden_dim)
+    label_smoothing: float = 0.0  # training loss only; validation loss and decoding are unaffected
 
 
 @dataclass
@@ -125,6 +127,8 @@ class EvaluateRunConfig:
     """python -m captioner.evaluate: decode a split from a checkpoint, or score a results file."""
 
     checkpoint: Optional[str] = None
+    # more checkpoints decoded together with `checkpoint` as one ensemble (same vocabulary and encoder)
+    ensemble: list[str] = field(default_factory=list)
     split: str = "test"
     # `data=...` on the command line evaluates on another data set than the checkpoint's
     data: Optional[DataConfig] = None

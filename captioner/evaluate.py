@@ -2,10 +2,12 @@
 
     python -m captioner.evaluate checkpoint=outputs/train/<run>/best.pt split=test decode=beam
     python -m captioner.evaluate results=captions_results.json annotations=captions_val2014.json
+    python -m captioner.evaluate checkpoint=a/best.pt 'ensemble=[b/best.pt,c/best.pt]' decode=beam
 
 The first decodes the split through ``captioner.engine.evaluate`` (the same path as validation
 during training) and writes ``results_<split>_<decode>.json`` (COCO results format) and
-``metrics_<split>_<decode>.json`` beside the checkpoint. The second scores any results file the
+``metrics_<split>_<decode>.json`` beside the checkpoint (``..._ensemble<N>.json`` for an
+ensemble of N models). The second scores any results file the
 way the coco-caption toolkit does.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import hydra
 import torch
@@ -58,26 +60,56 @@ def checkpoint_split(checkpoint: str, split: str, data_cfg=None, device: str | t
     return model, vocab, ckpt_cfg, records, features
 
 
+def ensemble_with(model, vocab, ckpt_cfg, checkpoints: Sequence[str], device):
+    """``model`` and the decoders of ``checkpoints`` as one ``Ensemble``. Every member must read
+    the features ``model`` reads (same frozen encoder) and write the same vocabulary."""
+    from captioner.checkpoint import CheckpointError, load_checkpoint, restore_model
+    from captioner.ensemble import Ensemble
+
+    members = [model]
+    for path in checkpoints:
+        ckpt = load_checkpoint(path)
+        if "encoder" in ckpt:
+            raise CheckpointError(f"{path} has a fine-tuned encoder: ensembles need members that read the same "
+                                  "frozen features")
+        member, member_vocab, member_cfg = restore_model(ckpt, device)
+        if member_vocab.itos != vocab.itos:
+            raise CheckpointError(f"{path} was trained with another vocabulary ({len(member_vocab)} words, "
+                                  f"{len(vocab)} in {ckpt_cfg.train.get('out_dir') or 'the first checkpoint'}): "
+                                  "ensemble models trained on the same data and data.min_count")
+        if member_cfg.encoder.name != ckpt_cfg.encoder.name:
+            raise CheckpointError(f"{path} reads encoder={member_cfg.encoder.name} features, the first checkpoint "
+                                  f"encoder={ckpt_cfg.encoder.name}: ensemble models trained on the same encoder")
+        members.append(member)
+    return Ensemble(members).to(device).eval()
+
+
 def evaluate_checkpoint(checkpoint: str, split: str = "test", decode_cfg=None, data_cfg=None,
                         metrics=("bleu", "meteor", "rouge", "cider"), tokenizer: str = "auto",
                         output_dir: Optional[str] = None, device: str = "auto",
-                        progress: bool = True) -> dict[str, Any]:
-    """Decode ``split`` with the checkpoint's model and score it; returns the scores."""
+                        progress: bool = True, ensemble: Sequence[str] = ()) -> dict[str, Any]:
+    """Decode ``split`` with the checkpoint's model (with the ``ensemble`` checkpoints' models,
+    as one ensemble, when given) and score it; returns the scores."""
     from captioner.engine import evaluate
     from captioner.train import resolve_device
 
     device = resolve_device(device)
     model, vocab, ckpt_cfg, records, features = checkpoint_split(checkpoint, split, data_cfg, device, progress)
+    if ensemble:
+        if OmegaConf.select(ckpt_cfg, "encoder.finetune_after", default=-1) >= 0:
+            raise ValueError(f"{checkpoint} was trained with encoder.finetune_after: ensembles need members "
+                             "that read the same frozen features")
+        model = ensemble_with(model, vocab, ckpt_cfg, ensemble, device)
     data_cfg = data_cfg if data_cfg is not None else ckpt_cfg.data
     decode_cfg = decode_cfg if decode_cfg is not None else ckpt_cfg.decode
     scores, results = evaluate(model, features, records, vocab, decode_cfg, device, metrics=list(metrics),
                                tokenizer=tokenizer, progress=progress)
 
     out = Path(output_dir) if output_dir else Path(checkpoint).resolve().parent
-    tag = f"{split}_{decode_cfg.method}"
+    tag = f"{split}_{decode_cfg.method}" + (f"_ensemble{len(ensemble) + 1}" if ensemble else "")
     results_file, metrics_file = out / f"results_{tag}.json", out / f"metrics_{tag}.json"
     atomic_write_text(results_file, json.dumps(results, ensure_ascii=False))
-    report = {"checkpoint": str(checkpoint), "split": split, "data": data_cfg.name, "num_images": len(records),
+    report = {"checkpoint": str(checkpoint), **({"ensemble": list(ensemble)} if ensemble else {}), "split": split, "data": data_cfg.name, "num_images": len(records),
               "decode": OmegaConf.to_container(decode_cfg), "scale": "0-1", "scores": scores}
     atomic_write_text(metrics_file, json.dumps(report, indent=1))
     log.info("%s images of %s/%s: %s", len(records), data_cfg.name, split, format_scores(scores))
@@ -98,7 +130,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.checkpoint is None:
         raise ValueError("give checkpoint=PATH (decode and score a split) or results=FILE annotations=FILE")
     scores = evaluate_checkpoint(cfg.checkpoint, cfg.split, cfg.decode, cfg.data, cfg.metrics, cfg.tokenizer,
-                                 cfg.output_dir, cfg.device, cfg.progress)
+                                 cfg.output_dir, cfg.device, cfg.progress, list(cfg.ensemble))
     print(format_scores(scores, digits=4))
     return scores
 

@@ -42,6 +42,8 @@ class ShowTell(nn.Module):
         cell: str = "lstm",
         inject: str = "first_input",
         pad_id: int = 0,
+        tie_embeddings: bool = False,
+        label_smoothing: float = 0.0,
     ):
         super().__init__()
         if inject not in INJECT_MODES:
@@ -50,7 +52,10 @@ class ShowTell(nn.Module):
             raise ValueError(f"model.cell={cell!r}: choose one of {', '.join(CELLS)}")
         self.vocab_size, self.feature_dim = vocab_size, feature_dim
         self.inject, self.cell, self.num_layers, self.hidden_dim = inject, cell, num_layers, hidden_dim
-        self.pad_id = pad_id
+        self.pad_id, self.label_smoothing = pad_id, label_smoothing
+        if tie_embeddings and embed_dim != hidden_dim:
+            raise ValueError(f"model.tie_embeddings needs model.embed_dim == model.hidden_dim "
+                             f"(got {embed_dim} and {hidden_dim})")
 
         if inject == "init_state":
             # one projection per layer for h, and another for c when the cell has one
@@ -64,6 +69,10 @@ class ShowTell(nn.Module):
         )
         self.dropout = nn.Dropout(dropout)
         self.output = nn.Linear(hidden_dim, vocab_size)
+        if tie_embeddings:
+            # one matrix for reading and writing words (Press & Wolf 2017): fewer parameters to
+            # overfit on small data sets such as Flickr8k
+            self.output.weight = self.embed.weight
 
     # -- the image step -----------------------------------------------------------------
     def init_state(self, features: torch.Tensor) -> DecoderState:
@@ -113,7 +122,8 @@ class ShowTell(nn.Module):
         mask = targets != self.pad_id
         real = targets[mask]
         logits = self.output(self.dropout(out[mask]))
-        return F.cross_entropy(logits, real), real.numel()  # (numel: no extra reduction or sync)
+        loss = F.cross_entropy(logits, real, label_smoothing=self.label_smoothing if self.training else 0.0)
+        return loss, real.numel()  # (numel: no extra reduction or sync)
 
     # -- one step at a time, for decoding ------------------------------------------------
     def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
@@ -151,4 +161,7 @@ def build_model(model_cfg, vocab_size: int, feature_dim: int, pad_id: int = 0) -
         cell=model_cfg.cell,
         inject=model_cfg.inject,
         pad_id=pad_id,
+        # .get: checkpoints written before these options existed
+        tie_embeddings=model_cfg.get("tie_embeddings", False),
+        label_smoothing=model_cfg.get("label_smoothing", 0.0),
     )

@@ -81,3 +81,26 @@ def test_overfits_one_batch():
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.05
+
+
+def test_tied_embeddings_share_one_matrix_and_need_equal_sizes():
+    model = ShowTell(V, D, embed_dim=16, hidden_dim=16, tie_embeddings=True)
+    assert model.output.weight is model.embed.weight
+    untied = ShowTell(V, D, embed_dim=16, hidden_dim=16)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in untied.parameters()) - V * 16
+    restored = ShowTell(V, D, embed_dim=16, hidden_dim=16, tie_embeddings=True)
+    restored.load_state_dict(model.state_dict())
+    assert restored.output.weight is restored.embed.weight
+    with pytest.raises(ValueError, match="embed_dim == model.hidden_dim"):
+        ShowTell(V, D, embed_dim=8, hidden_dim=16, tie_embeddings=True)
+
+
+def test_label_smoothing_changes_the_training_loss_only():
+    torch.manual_seed(4)
+    plain = ShowTell(V, D, embed_dim=8, hidden_dim=12, dropout=0.0)
+    smooth = ShowTell(V, D, embed_dim=8, hidden_dim=12, dropout=0.0, label_smoothing=0.1)
+    smooth.load_state_dict(plain.state_dict())
+    features, tokens = _batch()
+    assert not torch.allclose(plain.loss(features, tokens)[0], smooth.loss(features, tokens)[0])
+    plain.eval(), smooth.eval()  # validation loss is the plain cross-entropy
+    assert torch.allclose(plain.loss(features, tokens)[0], smooth.loss(features, tokens)[0])

@@ -1,0 +1,48 @@
+"""Several trained decoders that caption as one: each step averages their word probabilities.
+
+An ``Ensemble`` offers the one-step interface every decoding method uses (``init_state``,
+``step``, ``reorder_state``), so greedy, sampling and beam search decode it unchanged. The
+members must share the vocabulary and read the same image features (same encoder); they may
+differ in seed, size or injection mode. Averaging probabilities (not log-probabilities) is the
+usual choice for captioning ensembles (Vinyals et al. 2015): a word one member rules out is not
+vetoed by it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class Ensemble(nn.Module):
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError("an ensemble needs at least two models")
+        vocab_sizes = {m.vocab_size for m in members}
+        feature_dims = {m.feature_dim for m in members}
+        if len(vocab_sizes) > 1 or len(feature_dims) > 1:
+            raise ValueError(f"ensemble members disagree on vocabulary size {sorted(vocab_sizes)} "
+                             f"or feature size {sorted(feature_dims)}")
+        self.members = nn.ModuleList(members)
+        self.vocab_size, self.feature_dim = vocab_sizes.pop(), feature_dims.pop()
+
+    def init_state(self, features: torch.Tensor) -> tuple:
+        return tuple(m.init_state(features) for m in self.members)
+
+    def step(self, tokens: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
+        """log of the members' mean probability of the next token, [B, V]."""
+        logprobs, states = zip(*(m.step(tokens, s) for m, s in zip(self.members, state)))
+        mean = torch.logsumexp(torch.stack(logprobs), dim=0) - math.log(len(self.members))
+        return mean, tuple(states)
+
+    def reorder_state(self, state: tuple, index: torch.Tensor) -> tuple:
+        return tuple(m.reorder_state(s, index) for m, s in zip(self.members, state))
+
+    @torch.no_grad()
+    def generate(self, features: torch.Tensor, method: str = "greedy", **options):
+        from captioner.decoding import generate
+
+        return generate(self, features, method=method, **options)
