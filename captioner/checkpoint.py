@@ -172,13 +172,13 @@ def restore_encoder(ckpt: dict[str, Any], cfg, device: str | torch.device = "cpu
     from the training seed, as training did, without touching the caller's random state."""
     from omegaconf import OmegaConf
 
-    from captioner.encoders import build_encoder
+    from captioner.encoders import encoder_from_config
 
     enc = cfg.encoder
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(OmegaConf.select(cfg, "train.seed", default=0)))
-        encoder = build_encoder(enc.name, pretrained=enc.pretrained and "encoder" not in ckpt,
-                                weights=enc.weights if "encoder" not in ckpt else None)
+        encoder = encoder_from_config(enc, pretrained=enc.pretrained and "encoder" not in ckpt,
+                                      weights=enc.weights if "encoder" not in ckpt else None)
     if "encoder" in ckpt:
         try:
             encoder.load_state_dict(ckpt["encoder"])

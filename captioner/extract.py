@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from captioner.config import CONF_DIR
 from captioner.datasets import load_records
-from captioner.encoders import build_encoder
+from captioner.encoders import encoder_from_config
 from captioner.features import SplitFeatures, all_split_features
 
 log = logging.getLogger("captioner.extract")
@@ -25,7 +25,7 @@ def extract(cfg: DictConfig) -> dict[str, SplitFeatures]:
 
     seed_everything(cfg.train.seed)  # as train does: random (pretrained=false) weights then match its cache
     records = load_records(cfg.data)
-    encoder = build_encoder(cfg.encoder.name, pretrained=cfg.encoder.pretrained, weights=cfg.encoder.weights)
+    encoder = encoder_from_config(cfg.encoder)
     results = all_split_features(
         encoder, records, feature_cache_dir(cfg.data, cfg.encoder), dtype=cfg.encoder.cache_dtype,
         batch_size=cfg.encoder.batch_size,

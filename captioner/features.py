@@ -235,7 +235,7 @@ def split_features(encoder, records: Sequence[ImageRecord], cache_dir: str | Pat
         raise ValueError(f"split {split!r} has no images")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{encoder.name}_{split}"
+    stem = f"{encoder.cache_name}_{split}"
     final, manifest_path = cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json"
     partial, progress_path = cache_dir / f"{stem}.partial.npy", cache_dir / f"{stem}.partial.json"
     key = manifest_for(encoder, records, dtype, fingerprint)

@@ -73,6 +73,10 @@ class ShowTell(nn.Module):
             # one matrix for reading and writing words (Press & Wolf 2017): fewer parameters to
             # overfit on small data sets such as Flickr8k
             self.output.weight = self.embed.weight
+            # nn.Embedding's N(0, 1) would start the logits at a scale of sqrt(hidden_dim)
+            nn.init.normal_(self.embed.weight, std=embed_dim ** -0.5)
+            with torch.no_grad():
+                self.embed.weight[pad_id].zero_()
 
     # -- the image step -----------------------------------------------------------------
     def init_state(self, features: torch.Tensor) -> DecoderState:

@@ -28,7 +28,7 @@ from captioner.checkpoint import (BEST, LAST, CheckpointError, check_resumable, 
 from captioner.cli import Interrupted, known_errors, run
 from captioner.config import CONF_DIR
 from captioner.datasets import load_records
-from captioner.encoders import build_encoder
+from captioner.encoders import encoder_from_config
 from captioner.engine import CaptionBatches, evaluate, train_one_epoch
 from captioner.features import Normalize, all_split_features, compute_features
 from captioner.io import atomic_write, atomic_write_text
@@ -228,7 +228,7 @@ def _train(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, stop: S
         records = drop_empty_captions(load_records(cfg.data))
         if not records.get("train"):
             raise ValueError(f"data.name={cfg.data.name}: the training split has no captioned images")
-        encoder = build_encoder(cfg.encoder.name, pretrained=cfg.encoder.pretrained, weights=cfg.encoder.weights)
+        encoder = encoder_from_config(cfg.encoder)
         # data.on_bad_image=skip drops unreadable images from the records as well as the features
         computed = all_split_features(encoder, records, feature_cache_dir(cfg.data, cfg.encoder),
                                       dtype=cfg.encoder.cache_dtype,

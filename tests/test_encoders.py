@@ -162,3 +162,28 @@ def test_failed_download_says_what_to_fetch_and_where(tmp_path, monkeypatch):
     assert "\n" not in message
     assert torchvision.models.VGG16_Weights.IMAGENET1K_V1.url in message
     assert str(tmp_path / "checkpoints") in message and "encoder.weights=PATH" in message
+
+
+def test_input_size_and_crop_pct_change_preprocessing_and_cache_name():
+    standard = build_encoder("efficientnet_lite0", pretrained=False)
+    assert standard.cache_name == "efficientnet_lite0"
+    assert (standard.transform_spec()["resize"], standard.transform_spec()["crop"]) == (256, 224)
+    whole = build_encoder("efficientnet_lite0", pretrained=False, input_size=288, crop_pct=1.0)
+    assert (whole.transform_spec()["resize"], whole.transform_spec()["crop"]) == (288, 288)
+    assert whole.cache_name == "efficientnet_lite0_r288c288"
+    assert whole.transform(Image.new("RGB", (300, 200))).shape == (3, 288, 288)
+    # the standard values spelled out are the standard encoder (and share its cache)
+    assert build_encoder("vgg16", pretrained=False, input_size=224, crop_pct=0.875).cache_name == "vgg16"
+    with pytest.raises(ValueError, match="crop_pct"):
+        build_encoder("vgg16", pretrained=False, crop_pct=1.5)
+
+
+def test_encoder_from_config_reads_configs_saved_before_the_size_keys():
+    from omegaconf import OmegaConf
+
+    from captioner.encoders import encoder_from_config
+
+    old = OmegaConf.create({"name": "efficientnet_lite0", "pretrained": False, "weights": None})
+    assert encoder_from_config(old).cache_name == "efficientnet_lite0"
+    new = OmegaConf.create({"name": "efficientnet_lite0", "pretrained": False, "weights": None, "input_size": 160})
+    assert encoder_from_config(new).transform_spec()["crop"] == 160

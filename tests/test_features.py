@@ -184,3 +184,19 @@ def test_extraction_leaves_the_global_rng_alone(tmp_path, images):
     torch.manual_seed(5)
     split_features(encoder, images, tmp_path, "train", batch_size=4, progress=False)
     assert torch.equal(torch.rand(3), expected)  # training draws the same model init and batch order
+
+
+def test_another_image_size_gets_its_own_cache_beside_the_standard_one(tmp_path, images):
+    from captioner.encoders import sized_spec
+
+    cache = tmp_path / "cache"
+    standard = cached_features(tiny_encoder(), images, cache, "train", progress=False)
+    torch.manual_seed(0)
+    larger = Encoder("tiny", CountingNet(), 6, sized_spec(TINY_SPEC, TINY_SPEC["crop"] * 2, 1.0), standard=False)
+    resized = cached_features(larger, images, cache, "train", progress=False)
+    assert sorted(p.name for p in cache.glob("*.npy")) == [f"tiny_r{TINY_SPEC['crop'] * 2}c{TINY_SPEC['crop'] * 2}_train.npy",
+                                                          "tiny_train.npy"]
+    assert not np.array_equal(np.asarray(standard), np.asarray(resized))
+    again = tiny_encoder()  # the standard cache is still there, and reused
+    np.testing.assert_array_equal(cached_features(again, images, cache, "train", progress=False), standard)
+    assert again.net.batches == 0

@@ -34,9 +34,9 @@ def watch(monkeypatch, interrupt_at=None):
     import captioner.train as train_module
 
     built, steps = [], []
-    original_build, original_loss = train_module.build_encoder, ShowTell.loss
+    original_build, original_loss = train_module.encoder_from_config, ShowTell.loss
 
-    def build_encoder(*args, **kwargs):
+    def encoder_from_config(*args, **kwargs):
         built.append(original_build(*args, **kwargs))
         return built[-1]
 
@@ -49,7 +49,7 @@ def watch(monkeypatch, interrupt_at=None):
             signal.raise_signal(signal.SIGINT)
         return original_loss(self, features, tokens)
 
-    monkeypatch.setattr(train_module, "build_encoder", build_encoder)
+    monkeypatch.setattr(train_module, "encoder_from_config", encoder_from_config)
     monkeypatch.setattr(ShowTell, "loss", loss)
     return steps
 
