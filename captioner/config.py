@@ -56,7 +56,7 @@ class EncoderConfig:
 
 @dataclass
 class ModelConfig:
-    inject: str = "first_input"  # first_input | init_state | first_step_bias
+    inject: str = "first_input"  # first_input | init_state | first_step_bias | every_step
     cell: str = "lstm"  # lstm | gru | rnn
     num_layers: int = 1
     embed_dim: int = 256

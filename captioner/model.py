@@ -7,6 +7,8 @@
 - ``first_step_bias``: the image term W_ih v is added to the first recurrent step's
   pre-activation only; since W_ih is linear this is the <bos> embedding plus the projected
   feature as the first input, so the fused cuDNN/oneDNN kernels still apply.
+- ``every_step``: the projected feature is concatenated to every word's embedding ("par-inject"
+  in Tanti et al. 2018), so the image cannot fade from the state over a long caption.
 
 Decoding code talks to the model through ``init_state`` / ``step`` / ``reorder_state`` only.
 """
@@ -18,16 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-INJECT_MODES = ("first_input", "init_state", "first_step_bias")
+INJECT_MODES = ("first_input", "init_state", "first_step_bias", "every_step")
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 
 class DecoderState(NamedTuple):
     """Recurrent state between steps. ``hidden`` has batch in dim 1 (PyTorch's RNN layout);
-    ``image_bias`` is the image term still waiting to be added at the first word step."""
+    ``image_bias`` is the image term still waiting to be added at the first word step;
+    ``image`` the projected feature read with every word (``every_step``)."""
 
     hidden: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
     image_bias: Optional[torch.Tensor] = None
+    image: Optional[torch.Tensor] = None
 
 
 class ShowTell(nn.Module):
@@ -65,7 +69,7 @@ class ShowTell(nn.Module):
             self.image_proj = nn.Linear(feature_dim, embed_dim)
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
         self.rnn = CELLS[cell](
-            embed_dim, hidden_dim, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
+            2 * embed_dim if inject == "every_step" else embed_dim, hidden_dim, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
         )
         self.dropout = nn.Dropout(dropout)
         self.output = nn.Linear(hidden_dim, vocab_size)
@@ -89,14 +93,18 @@ class ShowTell(nn.Module):
             return DecoderState(hidden)
         if self.inject == "first_step_bias":
             return DecoderState(None, image_bias=projected)
+        if self.inject == "every_step":
+            return DecoderState(None, image=projected)
         _, hidden = self.rnn(projected.unsqueeze(1))
         return DecoderState(hidden)
 
     def _run(self, inputs: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
         if state.image_bias is not None:
             inputs = torch.cat([inputs[:, :1] + state.image_bias.unsqueeze(1), inputs[:, 1:]], dim=1)
+        if state.image is not None:
+            inputs = torch.cat([inputs, state.image.unsqueeze(1).expand(-1, inputs.size(1), -1)], dim=2)
         out, hidden = self.rnn(inputs, state.hidden)
-        return out, DecoderState(hidden)
+        return out, DecoderState(hidden, image=state.image)
 
     # -- teacher forcing ----------------------------------------------------------------
     def _outputs(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -144,7 +152,8 @@ class ShowTell(nn.Module):
         elif hidden is not None:
             hidden = hidden.index_select(1, index)
         bias = None if state.image_bias is None else state.image_bias.index_select(0, index)
-        return DecoderState(hidden, bias)
+        image = None if state.image is None else state.image.index_select(0, index)
+        return DecoderState(hidden, bias, image)
 
     @torch.no_grad()
     def generate(self, features: torch.Tensor, method: str = "greedy", **options):
