@@ -94,6 +94,9 @@ class OptimConfig:
     warmup_steps: int = 100
     step_epochs: int = 3  # step schedule: decay every N epochs
     gamma: float = 0.8
+    # validate and save an exponential moving average of the decoder's weights (0: the weights as
+    # trained); checkpoints keep the trained weights too, for resuming
+    ema_decay: float = 0.0
 
 
 @dataclass

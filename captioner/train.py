@@ -28,6 +28,7 @@ from captioner.checkpoint import (BEST, LAST, CheckpointError, check_resumable, 
 from captioner.cli import Interrupted, known_errors, run
 from captioner.config import CONF_DIR
 from captioner.datasets import load_records
+from captioner.ema import WeightAverage
 from captioner.encoders import encoder_from_config
 from captioner.engine import CaptionBatches, evaluate, train_one_epoch
 from captioner.features import Normalize, all_split_features, compute_features
@@ -249,6 +250,8 @@ def _train(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, stop: S
     feature_dim = int(features["train"].shape[1])
     model = build_model(cfg.model, len(vocab), feature_dim).to(device)
     precision = Precision(cfg.train.precision, device)  # autocast (+ loss scaling for fp16)
+    average = WeightAverage(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None  # (before compiling)
+    eval_model = average.model if average is not None else model  # what validation decodes and best.pt holds
     if cfg.train.compile:
         compile_loss(model, device)  # in place: state_dict names and eager decoding unchanged
     finetune_after = cfg.encoder.finetune_after  # from this step on the encoder trains too (-1: never)
@@ -280,6 +283,9 @@ def _train(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, stop: S
 
     if resume is not None:
         state = restore_training(ckpt, resume, cfg, ctx, device, model, optimizer, scheduler, vocab, feature_dim)
+        if average is not None:  # a checkpoint without an average starts one from its weights
+            average.model.load_state_dict(ckpt["model"])
+            average.updates = int(ckpt.get("ema_updates", 0))
         precision.load_state_dict(ckpt.get("scaler") or {})  # fp16's loss scale
         if finetune_after >= 0 and "encoder" in ckpt:
             encoder.load_state_dict(ckpt["encoder"])  # fine-tuned weights (the optimizer has its second group)
@@ -302,7 +308,7 @@ def _train(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, stop: S
             raise FloatingPointError(f"the weights stopped being finite at step {state.step}")
         if ctx.is_main:
             ckpt = {"format": CHECKPOINT_FORMAT, "config": plain_cfg, "vocab": vocab.to_dict(),
-                    "feature_dim": feature_dim, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "feature_dim": feature_dim, "model": eval_model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": precision.state_dict(),
                     "step": state.step, "epoch": state.epoch,
                     "batch": state.batch, "epoch_loss": {"sum": state.loss_sum, "tokens": state.tokens,
@@ -311,6 +317,8 @@ def _train(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, stop: S
                     "history": list(state.history), "rng": rng, "world_size": ctx.world_size}
             if finetuning():  # the cached features no longer describe the encoder: it travels along
                 ckpt["encoder"] = encoder.state_dict()
+            if average is not None:  # "model" holds the average (what evaluate decodes); resume needs both
+                ckpt["trained_model"], ckpt["ema_updates"] = model.state_dict(), average.updates
             for path in paths:
                 save_checkpoint(path, ckpt)
         saved_step = state.step
@@ -360,6 +368,8 @@ def _train(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, stop: S
                 epoch_batches = distributed.shard_batches(epoch_batches, ctx)
 
             def on_step(loss: float, n_tokens: int) -> None:
+                if average is not None:
+                    average.update(model)
                 state.step += 1
                 state.batch += 1
                 state.loss_sum += loss * n_tokens
@@ -387,7 +397,7 @@ def _train(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, stop: S
             if finetuning():  # the cache describes the original encoder: encode val with the current one
                 val_features = compute_features(encoder, val_records, cfg.encoder.cache_dtype, cfg.encoder.batch_size,
                                                 cfg.encoder.num_workers, device)
-            scores, _ = evaluate(model, val_features, val_records, vocab, cfg.decode, device,
+            scores, _ = evaluate(eval_model, val_features, val_records, vocab, cfg.decode, device,
                                  shards=ctx if ctx.enabled else None)
             row = {"epoch": epoch + 1, "step": state.step, "train/loss": round(train_loss, 5),
                    "lr": scheduler.get_last_lr()[0], "time_s": round(time.perf_counter() - started, 2),
@@ -427,7 +437,7 @@ def restore_training(ckpt: dict, path, cfg, ctx: distributed.Dist, device, model
     """Load a checkpoint's weights, optimizer, scheduler and RNG streams; return where it stopped."""
     check_resumable(ckpt, path, vocab.itos, feature_dim, OmegaConf.to_container(cfg.model, resolve=True))
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt.get("trained_model", ckpt["model"]))  # (with optim.ema_decay "model" is the average)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
     except (RuntimeError, ValueError, KeyError) as err:

@@ -153,3 +153,21 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(tmp_path, sha
     assert_same_state(load(tmp_path / "ref" / "last.pt"), load(tmp_path / "run" / "last.pt"))
     assert rows(tmp_path / "run") == rows(tmp_path / "ref")
     assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
+def test_weight_average_resumes_exactly(tmp_path, shapes_root, monkeypatch, one_thread):
+    """With optim.ema_decay, checkpoints hold the average as "model" (what evaluate decodes) and
+    the trained weights beside it; a resumed run continues both."""
+    reference = train(cfg_for(shapes_root, tmp_path / "ref", "optim.ema_decay=0.9"))
+    interrupt_at(monkeypatch, 20)
+    with pytest.raises(Interrupted):
+        train(cfg_for(shapes_root, tmp_path / "run", "optim.ema_decay=0.9"))
+    monkeypatch.undo()
+    final = train(cfg_for(shapes_root, tmp_path / "run", "optim.ema_decay=0.9", "train.resume=auto"))
+    assert {k: v for k, v in final.items() if k != "time_s"} == {k: v for k, v in reference.items() if k != "time_s"}
+    ref, run_ = load(tmp_path / "ref" / "last.pt"), load(tmp_path / "run" / "last.pt")
+    assert_same_state(ref, run_)
+    assert ref["ema_updates"] == run_["ema_updates"] == 30
+    for name, weight in ref["trained_model"].items():
+        assert torch.equal(weight, run_["trained_model"][name]), name
+    assert not torch.equal(ref["model"]["output.weight"], ref["trained_model"]["output.weight"])
