@@ -10,7 +10,7 @@ shift $(( $# >= 2 ? 2 : 1 ))
 
 timed() { local start=$SECONDS; "$@"; echo "[$(( SECONDS - start )) s] $*" >&2; }
 timed python -m captioner.extract experiment=flickr8k data.root="$root" "$@"
-timed python -m captioner.train experiment=flickr8k data.root="$root" train.precision=bf16 train.out_dir="$run" "$@"
+timed python -m captioner.train experiment=flickr8k data.root="$root" train.out_dir="$run" "$@"
 for decode in greedy beam; do
   timed python -m captioner.evaluate checkpoint="$run/best.pt" split=test decode=$decode decode.beam_size=3
 done
