@@ -60,12 +60,16 @@ def checkpoint_split(checkpoint: str, split: str, data_cfg=None, device: str | t
     return model, vocab, ckpt_cfg, records, features
 
 
-def ensemble_with(model, vocab, ckpt_cfg, checkpoints: Sequence[str], device):
-    """``model`` and the decoders of ``checkpoints`` as one ``Ensemble``. Every member must read
-    the features ``model`` reads (same frozen encoder) and write the same vocabulary."""
+def ensemble_with(first: str, model, vocab, ckpt_cfg, checkpoints: Sequence[str], device):
+    """``model`` (restored from checkpoint ``first``) and the decoders of ``checkpoints`` as one
+    ``Ensemble``. Every member must read the same frozen encoder's features and write the same
+    vocabulary."""
     from captioner.checkpoint import CheckpointError, load_checkpoint, restore_model
     from captioner.ensemble import Ensemble
 
+    if OmegaConf.select(ckpt_cfg, "encoder.finetune_after", default=-1) >= 0:
+        raise CheckpointError(f"{first} was trained with encoder.finetune_after: ensembles need members that "
+                              "read the same frozen features")
     members = [model]
     for path in checkpoints:
         ckpt = load_checkpoint(path)
@@ -74,11 +78,11 @@ def ensemble_with(model, vocab, ckpt_cfg, checkpoints: Sequence[str], device):
                                   "frozen features")
         member, member_vocab, member_cfg = restore_model(ckpt, device)
         if member_vocab.itos != vocab.itos:
-            raise CheckpointError(f"{path} was trained with another vocabulary ({len(member_vocab)} words, "
-                                  f"{len(vocab)} in {ckpt_cfg.train.get('out_dir') or 'the first checkpoint'}): "
-                                  "ensemble models trained on the same data and data.min_count")
+            raise CheckpointError(f"{path} was trained with another vocabulary than {first} ({len(member_vocab)} "
+                                  f"and {len(vocab)} words): ensemble models trained on the same data and "
+                                  "data.min_count")
         if member_cfg.encoder.name != ckpt_cfg.encoder.name:
-            raise CheckpointError(f"{path} reads encoder={member_cfg.encoder.name} features, the first checkpoint "
+            raise CheckpointError(f"{path} reads encoder={member_cfg.encoder.name} features, {first} "
                                   f"encoder={ckpt_cfg.encoder.name}: ensemble models trained on the same encoder")
         members.append(member)
     return Ensemble(members).to(device).eval()
@@ -96,10 +100,7 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", decode_cfg=None, d
     device = resolve_device(device)
     model, vocab, ckpt_cfg, records, features = checkpoint_split(checkpoint, split, data_cfg, device, progress)
     if ensemble:
-        if OmegaConf.select(ckpt_cfg, "encoder.finetune_after", default=-1) >= 0:
-            raise ValueError(f"{checkpoint} was trained with encoder.finetune_after: ensembles need members "
-                             "that read the same frozen features")
-        model = ensemble_with(model, vocab, ckpt_cfg, ensemble, device)
+        model = ensemble_with(checkpoint, model, vocab, ckpt_cfg, ensemble, device)
     data_cfg = data_cfg if data_cfg is not None else ckpt_cfg.data
     decode_cfg = decode_cfg if decode_cfg is not None else ckpt_cfg.decode
     scores, results = evaluate(model, features, records, vocab, decode_cfg, device, metrics=list(metrics),
@@ -109,8 +110,8 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", decode_cfg=None, d
     tag = f"{split}_{decode_cfg.method}" + (f"_ensemble{len(ensemble) + 1}" if ensemble else "")
     results_file, metrics_file = out / f"results_{tag}.json", out / f"metrics_{tag}.json"
     atomic_write_text(results_file, json.dumps(results, ensure_ascii=False))
-    report = {"checkpoint": str(checkpoint), **({"ensemble": list(ensemble)} if ensemble else {}), "split": split, "data": data_cfg.name, "num_images": len(records),
-              "decode": OmegaConf.to_container(decode_cfg), "scale": "0-1", "scores": scores}
+    report = {"checkpoint": str(checkpoint), **({"ensemble": list(ensemble)} if ensemble else {}), "split": split,
+              "data": data_cfg.name, "num_images": len(records), "decode": OmegaConf.to_container(decode_cfg), "scale": "0-1", "scores": scores}
     atomic_write_text(metrics_file, json.dumps(report, indent=1))
     log.info("%s images of %s/%s: %s", len(records), data_cfg.name, split, format_scores(scores))
     log.info("wrote %s and %s", results_file, metrics_file)
