@@ -110,8 +110,9 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", decode_cfg=None, d
     tag = f"{split}_{decode_cfg.method}" + (f"_ensemble{len(ensemble) + 1}" if ensemble else "")
     results_file, metrics_file = out / f"results_{tag}.json", out / f"metrics_{tag}.json"
     atomic_write_text(results_file, json.dumps(results, ensure_ascii=False))
-    report = {"checkpoint": str(checkpoint), **({"ensemble": list(ensemble)} if ensemble else {}), "split": split,
-              "data": data_cfg.name, "num_images": len(records), "decode": OmegaConf.to_container(decode_cfg), "scale": "0-1", "scores": scores}
+    report = {"checkpoint": str(checkpoint), **({"ensemble": list(ensemble)} if ensemble else {}),
+              "split": split, "data": data_cfg.name, "num_images": len(records),
+              "decode": OmegaConf.to_container(decode_cfg), "scale": "0-1", "scores": scores}
     atomic_write_text(metrics_file, json.dumps(report, indent=1))
     log.info("%s images of %s/%s: %s", len(records), data_cfg.name, split, format_scores(scores))
     log.info("wrote %s and %s", results_file, metrics_file)

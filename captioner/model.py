@@ -68,9 +68,9 @@ class ShowTell(nn.Module):
         else:
             self.image_proj = nn.Linear(feature_dim, embed_dim)
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
-        self.rnn = CELLS[cell](
-            2 * embed_dim if inject == "every_step" else embed_dim, hidden_dim, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
-        )
+        rnn_input = 2 * embed_dim if inject == "every_step" else embed_dim  # every_step: [word; image]
+        self.rnn = CELLS[cell](rnn_input, hidden_dim, num_layers, batch_first=True,
+                               dropout=dropout if num_layers > 1 else 0.0)
         self.dropout = nn.Dropout(dropout)
         self.output = nn.Linear(hidden_dim, vocab_size)
         if tie_embeddings:

@@ -3,11 +3,13 @@
 
 - ``fp32``: no autocast.
 - ``bf16``: autocast to bfloat16; no loss scaling (bfloat16 has float32's exponent range). On
-  CUDA it needs a GPU with bfloat16 (Ampere or newer). On CPU it works everywhere and is fast
-  where the CPU has AVX512-BF16 or AMX (oneDNN runs the LSTM and the matmuls in bfloat16).
-- ``fp16``: autocast to float16 with a ``GradScaler`` (dynamic loss scaling). Meant for CUDA.
-  On CPU it is checked once at start-up: oneDNN has no float16 LSTM on most CPUs, and then it
-  is refused with one clear error rather than failing at the first step.
+  CUDA it needs a GPU with bfloat16 (Ampere or newer). On CPU it needs oneDNN's bfloat16 LSTM,
+  which x86 CPUs with AVX-512 have (fast with AVX512-BF16 or AMX); CPUs with AVX2 only lack it.
+- ``fp16``: autocast to float16 with a ``GradScaler`` (dynamic loss scaling). Meant for CUDA;
+  oneDNN has no float16 LSTM on most CPUs.
+
+On CPU a reduced precision is tried once at start-up on a tiny LSTM; where this CPU cannot run
+it, it is refused with one clear error rather than failing at the first step.
 
 Autocast leaves the weights, the optimizer state and the loss in float32 (the cross-entropy
 runs in float32 under autocast on both devices).
@@ -33,7 +35,8 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def _autocast_works(device_type: str, dtype: torch.dtype) -> bool:
     """Whether autocast to ``dtype`` really runs the decoder's ops (a tiny LSTM and a linear
     layer, forward and backward) on this device."""
-    with warnings.catch_warnings():
+    # fork_rng: the probe's random weights must not shift the caller's seeded random stream
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore")  # older torch warns and disables autocast instead of raising
         try:
             lstm = torch.nn.LSTM(8, 8, batch_first=True).to(device_type)
@@ -68,10 +71,11 @@ class Precision:
         if self.device_type == "cuda" and self.dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
             raise ValueError("train.precision=bf16: this GPU has no bfloat16 support; use fp16 or fp32")
         if self.device_type != "cuda" and not _autocast_works(self.device_type, self.dtype):
+            dtype = str(self.dtype).removeprefix("torch.")
             raise ValueError(
-                f"train.precision={name} is not supported on {self.device_type} with torch {torch.__version__} "
-                f"(autocast to {self.dtype} cannot run the LSTM decoder here; oneDNN has no float16 LSTM on "
-                f"most CPUs). Use train.precision=bf16 or fp32 on CPU; fp16 is meant for CUDA.")
+                f"train.precision={name} is not supported on this {self.device_type} with torch "
+                f"{torch.__version__} (oneDNN has no {dtype} LSTM for this processor; bfloat16 needs AVX-512, "
+                "float16 is meant for CUDA). Use train.precision=fp32 here.")
         if self.dtype is torch.float16:
             self.scaler = torch.amp.GradScaler(self.device_type)
 

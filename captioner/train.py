@@ -222,6 +222,8 @@ def _train(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, stop: S
     # a bad train.resume fails now, not after the data is loaded
     resume = ctx.on_main(lambda: resolve_resume(cfg.train.resume, out_dir))
     ckpt = ctx.on_main(lambda: load_checkpoint(resume)) if resume is not None else None
+    # and a precision this device cannot run fails before minutes of feature extraction
+    precision = Precision(cfg.train.precision, device)  # autocast (+ loss scaling for fp16)
     seed_everything(cfg.train.seed)
     log.info("device %s%s, outputs in %s", device, f" x {ctx.world_size} processes" if ctx.enabled else "", out_dir)
 
@@ -249,7 +251,6 @@ def _train(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, stop: S
     seed_everything(cfg.train.seed)
     feature_dim = int(features["train"].shape[1])
     model = build_model(cfg.model, len(vocab), feature_dim).to(device)
-    precision = Precision(cfg.train.precision, device)  # autocast (+ loss scaling for fp16)
     average = WeightAverage(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None  # (before compiling)
     eval_model = average.model if average is not None else model  # what validation decodes and best.pt holds
     if cfg.train.compile:

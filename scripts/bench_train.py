@@ -159,7 +159,15 @@ def run(argv: list[str] | None = None) -> list[dict]:
     mixed, short, long = batches
 
     # one model and optimizer per variant: (precision, compiled, adam options)
-    precisions = args.precision.split(",")
+    precisions = []
+    for name in args.precision.split(","):
+        try:
+            Precision(name, device)
+            precisions.append(name)
+        except ValueError as err:  # e.g. bf16 on a CPU without AVX-512: the other rows still run
+            print(f"skipping {name}: {err}")
+    if not precisions:
+        raise SystemExit("error: none of --precision runs on this device; use --precision fp32")
     variants = [(p, False, None) for p in precisions]
     if args.compile:
         variants += [(p, True, None) for p in precisions]
