@@ -20,47 +20,23 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from captioner.config import CONF_DIR, DecodeConfig
+from captioner.cli import UsageError, command
+from captioner.config import decode_config, validate
 from captioner.io import atomic_write_text
+from captioner.runtime import resolve_device
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-@dataclass
-class CaptionConfig:
-    folder: Optional[str] = None  # also accepted as the first argument
-    checkpoint: Optional[str] = None  # a .pt written by training (best.pt or last.pt)
-    output: str = "captions.json"
-    html: bool = False  # also write a gallery page: output with .html
-    thumbnail_size: int = 256  # gallery thumbnails: longer side in pixels
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    batch_size: int = 16  # images per encoder batch
-    num_workers: int = 0  # processes decoding images
-    progress: bool = True
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
-
-
-ConfigStore.instance().store(name="caption_schema", node=CaptionConfig)
-
-
-class CaptionError(RuntimeError):
+class CaptionError(UsageError):
     """A problem the user can fix (no images, no checkpoint, ...); the CLI prints it as one line."""
-
-
-def decode_config(decode: Any = None, **overrides) -> DictConfig:
-    """A typed ``decode`` node: the schema's defaults, then ``decode`` (a DecodeConfig, a mapping
-    or a DictConfig), then ``overrides``. A misspelled option fails here, before any work."""
-    cfg = OmegaConf.structured(DecodeConfig)
-    return OmegaConf.merge(cfg, decode if decode is not None else {}, overrides)
 
 
 class Captioner:
@@ -83,16 +59,16 @@ class Captioner:
         ``WeightsUnavailableError`` (encoder weights cannot be found), each with a one-line message.
         """
         from captioner.checkpoint import restore_model
-        from captioner.train import resolve_device
 
-        device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        device = resolve_device(device)
         # Building modules draws their initial weights from the global RNG: fork it, so loading a
         # captioner leaves the caller's random state alone. The encoder (random weights from the
         # training seed with pretrained=false, in tests; fine-tuned ones when the checkpoint has
         # them) comes from restore_model too.
         with torch.random.fork_rng(devices=[]):
-            model, vocab, cfg, encoder = restore_model(path, device, with_encoder=True)
-        return cls(model, vocab, encoder, device, OmegaConf.select(cfg, "encoder.cache_dtype", default="float32"))
+            restored = restore_model(path, device, with_encoder=True)
+        return cls(restored.model, restored.vocab, restored.encoder, device,
+                   OmegaConf.select(restored.config, "encoder.cache_dtype", default="float32"))
 
     @torch.no_grad()
     def caption_images(self, images: Sequence[str | Path | Image.Image], decode: Any = None, *,
@@ -153,6 +129,7 @@ def _warn(message: str) -> None:
 def caption_folder(cfg: DictConfig) -> dict:
     """Caption ``cfg.folder`` and write the outputs; returns a summary. Raises CaptionError (and
     CheckpointError / WeightsUnavailableError) with a one-line message when there is nothing to do."""
+    validate(cfg)
     if not cfg.folder:
         raise CaptionError("no folder given: python -m captioner.caption FOLDER checkpoint=PATH")
     if not cfg.checkpoint:
@@ -215,19 +192,13 @@ def _summary(summary: dict) -> str:
 
 
 def run(cfg: DictConfig) -> dict:
-    """The CLI's work: caption, print the summary; any user error exits with one line."""
-    from captioner.checkpoint import CheckpointError
-    from captioner.encoders import WeightsUnavailableError
-
-    try:
-        summary = caption_folder(cfg)
-    except (CaptionError, CheckpointError, WeightsUnavailableError, ValueError) as err:
-        sys.exit(f"error: {' '.join(str(err).split())}")
+    """The CLI's work: caption, print the summary."""
+    summary = caption_folder(cfg)
     print(_summary(summary))
     return summary
 
 
-def normalize_argv(argv: Sequence[str]) -> list[str]:
+def folder_argument(argv: Sequence[str]) -> list[str]:
     """Hydra takes only key=value overrides: the first bare argument is the folder."""
     argv = list(argv)
     for i, arg in enumerate(argv):
@@ -235,27 +206,14 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
             break
         if "=" not in arg:
             if any(a.startswith("folder=") for a in argv):
-                sys.exit(f"error: two folders given: {arg!r} and folder=...; give one")
+                raise UsageError(f"two folders given: {arg!r} and folder=...; give one")
             quoted = arg.replace("\\", "\\\\").replace("'", "\\'")
             argv[i] = f"folder='{quoted}'"  # quoted: a path may hold spaces, commas or brackets
             break
     return argv
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    import hydra
-
-    from captioner import cli
-
-    argv = normalize_argv(sys.argv[1:] if argv is None else argv)
-    sys.argv = [sys.argv[0], *argv]
-
-    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="caption")
-    def _main(cfg: DictConfig) -> None:
-        run(cfg)
-
-    cli.run(_main, "caption", argv)  # a config mistake is one line before Hydra starts
-
+main = command("caption", run, argv_hook=folder_argument)
 
 if __name__ == "__main__":
     main()

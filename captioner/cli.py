@@ -1,9 +1,12 @@
-"""Entry-point plumbing: a known error becomes one line on stderr and an exit code, never a traceback.
+"""The one shape of every command: a Hydra entry over a library function, and one wrapper that
+turns every user-fixable error into one line on stderr and an exit code, never a traceback.
 
-``run(hydra_main, "train")`` is what ``python -m captioner.train`` calls. It first composes the
-config the way Hydra will, so a misspelled key, a wrong type or a missing config option is one
-line naming the key (Hydra's own report is several lines and a hint about HYDRA_FULL_ERROR);
-then it runs the job inside ``known_errors()``.
+``main = command("train", train)`` in ``captioner/train.py`` is all an entry point is. Before
+Hydra starts, the command line is composed the way Hydra will compose it and checked: a
+misspelled key, a wrong type, a missing config option or a value out of range (``validate``) is
+one line naming the key (Hydra's own report is several lines and a hint about
+HYDRA_FULL_ERROR), before any data, extraction or model work. Then the library function runs
+inside ``known_errors()``.
 
 Exit codes: 0 done; 1 a known error (``error: ...`` on stderr); 128 + signal number when a run
 was stopped by SIGINT (130) or SIGTERM (143) after saving its checkpoint. ``HYDRA_FULL_ERROR=1``
@@ -16,19 +19,9 @@ import difflib
 import os
 import signal
 import sys
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
-
-class Interrupted(Exception):
-    """A run stopped by a signal; ``message`` says where it stopped and how to resume."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum = signum
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
+from captioner.runtime import Interrupted
 
 
 def _rank() -> int:
@@ -38,8 +31,7 @@ def _rank() -> int:
 def one_line(err: BaseException) -> str:
     """The message of ``err`` on one line: its lines joined with '; ' (after a colon, a space)."""
     text = str(err).strip()
-    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)) and err.filename and \
-            str(err.filename) not in text:
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
         text = f"{text}: {err.filename}"
     out = ""
     for line in (line.strip() for line in text.splitlines()):
@@ -54,12 +46,18 @@ def print_error(message: str) -> None:
     print(f"error: {prefix}{message}", file=sys.stderr, flush=True)
 
 
-# Errors a user can fix from the message alone: bad paths, bad data, bad checkpoints, bad choices.
+class UsageError(RuntimeError):
+    """A command given too little to work on (no folder, no checkpoint); the message says what to add."""
+
+
+# Errors a user can fix from the message alone: bad paths, unreadable or unwritable files (a full
+# disk), bad data, bad checkpoints, bad values, weights that cannot be had, a run directory in use.
 def _known() -> tuple[type[BaseException], ...]:
     from captioner.checkpoint import CheckpointError
-    from captioner.images import BadImageError
+    from captioner.encoders import WeightsUnavailableError
+    from captioner.runlock import RunLockedError
 
-    return (FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError, BadImageError, ValueError,
+    return (OSError, CheckpointError, WeightsUnavailableError, RunLockedError, UsageError, ValueError,
             FloatingPointError)
 
 
@@ -136,10 +134,12 @@ def describe_config_error(err: BaseException) -> str:
     return one_line(err)
 
 
-def check_config(config_name: str, argv: Sequence[str]) -> Optional[str]:
-    """Compose ``config_name`` with the command-line overrides as Hydra will; None when it is
-    fine, else one line naming the problem. Runs with Hydra flags (--multirun, --cfg, ...) are
-    left to Hydra."""
+def check_config(config_name: str, argv: Sequence[str],
+                 preflight: Optional[Callable[[Any], None]] = None) -> Optional[str]:
+    """Compose ``config_name`` with the command-line overrides as Hydra will and validate it;
+    None when it is fine, else one line naming the problem. ``preflight(cfg)`` adds a command's
+    own check (a known error it raises is the line). Runs with Hydra flags (--multirun, --cfg,
+    ...) are left to Hydra."""
     if any(arg.startswith("-") for arg in argv):  # Hydra's own flags: --multirun, --cfg, --help, ...
         return None
     from hydra import compose, initialize_config_dir
@@ -164,14 +164,48 @@ def check_config(config_name: str, argv: Sequence[str]) -> Optional[str]:
         GlobalHydra.instance().clear()
     for key, allowed, schema in _unknown_keys(cfg):
         return f"unknown config key '{key}' ({schema} has no such field{_did_you_mean(key, allowed)})"
+    from captioner.config import validate
+
+    try:
+        validate(cfg)
+        if preflight is not None:
+            preflight(cfg)
+    except _known() as err:
+        return one_line(err)
     return None
 
 
-def run(hydra_main: Callable[[], None], config_name: str, argv: Optional[Sequence[str]] = None) -> None:
+def command(config_name: str, work: Callable[[Any], Any], *, preflight: Optional[Callable[[Any], None]] = None,
+            argv_hook: Optional[Callable[[list[str]], list[str]]] = None) -> Callable[..., None]:
+    """The ``main()`` of a command: ``work(cfg)`` on the config ``conf/<config_name>.yaml``
+    composes with the command line. ``argv_hook`` rewrites the command line first (e.g. a bare
+    folder argument into ``folder=...``); ``preflight(cfg)`` runs with the config checks."""
+    import hydra
+
+    from captioner.config import CONF_DIR
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
+    def hydra_main(cfg) -> None:
+        with known_errors():
+            work(cfg)
+
+    def main(argv: Optional[Sequence[str]] = None) -> None:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if argv_hook is not None:
+            with known_errors():
+                argv = argv_hook(argv)
+        sys.argv = [sys.argv[0], *argv]
+        run(hydra_main, config_name, argv, preflight)
+
+    return main
+
+
+def run(hydra_main: Callable[[], None], config_name: str, argv: Optional[Sequence[str]] = None,
+        preflight: Optional[Callable[[Any], None]] = None) -> None:
     """Check the command line, then call the ``@hydra.main`` function (which reads ``sys.argv``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if os.environ.get("HYDRA_FULL_ERROR") != "1":
-        problem = check_config(config_name, argv)
+        problem = check_config(config_name, argv, preflight if _rank() == 0 else None)
         if problem:
             print_error(problem)
             raise SystemExit(1)

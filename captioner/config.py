@@ -1,29 +1,108 @@
-"""Config schemas: one dataclass per component, registered in Hydra's ConfigStore.
+"""Config schemas: one dataclass per component and per command, registered in Hydra's ConfigStore.
 
 The YAML files under ``conf/`` select and override these; because every node is typed, a
 misspelled key or a wrong type fails at start-up instead of being silently ignored.
+
+The allowed values of a field are stated once, on the field (``choice``, ``at_least``,
+``between``), and cross-field rules in the schema's ``check``; ``validate(cfg)`` applies them to
+every typed node of a composed config. Every command runs it before any work, so a typo in
+``train.precision`` never surfaces after an hour of feature extraction. The model and objective
+schemas live beside their code (``captioner.models``, ``captioner.objectives``) and are checked
+the same way.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 # conf/ sits beside the package in the repository (the install is editable).
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
+# --- allowed values, stated on the field -------------------------------------------------------
+
+def owned_by(module: str, name: str) -> Callable[[], Sequence[str]]:
+    """Choices that a module owns (encoder names, precisions, ...), read when a config is checked,
+    so this module does not import torch to state them."""
+    return lambda: list(getattr(importlib.import_module(module), name))
+
+
+def choice(default: Any, options: Sequence[str] | Callable[[], Sequence[str]]):
+    return field(default=default, metadata={"choices": options})
+
+
+def at_least(default: Any, low: float):
+    return field(default=default, metadata={"min": low})
+
+
+def above(default: Any, low: float):
+    return field(default=default, metadata={"min": low, "low_open": True})
+
+
+def between(default: Any, low: float, high: float, low_open: bool = False):
+    return field(default=default, metadata={"min": low, "max": high, "low_open": low_open})
+
+
+def _field_problem(key: str, value: Any, meta: dict) -> Optional[str]:
+    if value is None:
+        return None
+    if "choices" in meta:
+        options = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
+        if value not in options:
+            return f"{key}={value!r}: choose one of {', '.join(options)}"
+    low, high, low_open = meta.get("min"), meta.get("max"), meta.get("low_open")
+    if (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high):
+        if high is None:
+            return f"{key}={value}: must be {'greater than' if low_open else 'at least'} {low}"
+        return f"{key}={value}: must be in {'(' if low_open else '['}{low}, {high}]"
+    return None
+
+
+def problems(node: Any, prefix: str = "") -> Iterator[str]:
+    """Every broken rule of every typed node under ``node``, as one line each naming the key."""
+    if not isinstance(node, DictConfig) or node._is_missing() or node._is_none():
+        return
+    schema = OmegaConf.get_type(node)
+    if schema is not None and dataclasses.is_dataclass(schema):
+        for f in dataclasses.fields(schema):
+            if f.metadata and f.name in node:
+                problem = _field_problem(f"{prefix}{f.name}", node[f.name], f.metadata)
+                if problem:
+                    yield problem
+        check = getattr(schema, "check", None)
+        if check is not None:
+            problem = check(node)
+            if problem:
+                yield f"{prefix}{problem}"
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            yield from problems(child, f"{prefix}{key}.")
+
+
+def validate(cfg: Any) -> None:
+    """ValueError with the first broken rule (one line naming the key), before any work is done."""
+    for problem in problems(cfg):
+        raise ValueError(problem)
+
+
+# --- components ------------------------------------------------------------------------------
+
 @dataclass
 class DataConfig:
-    name: str = "shapes"  # shapes | flickr8k | coco_karpathy | coco_captions | coco_format
+    name: str = choice("shapes", ("shapes", "flickr8k", "coco_karpathy", "coco_captions", "coco_format"))
     root: str = "data/shapes"
     # shapes: how many images per split, and the generator's seed (the data set is a pure function of these)
-    num_train: int = 2000
-    num_val: int = 250
-    num_test: int = 250
-    image_size: int = 128
+    num_train: int = at_least(2000, 1)
+    num_val: int = at_least(250, 0)
+    num_test: int = at_least(250, 0)
+    image_size: int = at_least(128, 16)
     seed: int = 0
     # flickr8k / coco sources (paths relative to root unless absolute)
     token_file: Optional[str] = None
@@ -31,98 +110,116 @@ class DataConfig:
     image_dir: Optional[str] = None
     annotations: Optional[str] = None
     use_restval: bool = True
+    # coco_format: the val and test splits from a split file (a Karpathy-style JSON or a list of
+    # "file_name split" lines), or else the held-out fraction of the images for each
+    split_file: Optional[str] = None
+    holdout: float = between(0.1, 0.0, 0.5)
     # vocabulary, built from the training split only
-    min_count: int = 5
-    max_length: int = 16  # caption tokens kept for training, not counting <bos>/<eos>
-    on_bad_image: str = "error"  # error | skip
+    min_count: int = at_least(5, 1)
+    max_length: int = at_least(16, 1)  # caption tokens kept for training, not counting <bos>/<eos>
+    on_bad_image: str = choice("error", ("error", "skip"))
 
 
 @dataclass
 class EncoderConfig:
-    name: str = "efficientnet_lite0"
+    name: str = choice("efficientnet_lite0", owned_by("captioner.encoders", "ENCODER_DIMS"))
     pretrained: bool = True
     weights: Optional[str] = None  # a local state-dict file instead of the download
     # preprocessing, as timm names it: a square input_size-pixel crop of the centre crop_pct of
     # the image (null: the encoder's standard, 224 px of the centre 0.875)
-    input_size: Optional[int] = None
-    crop_pct: Optional[float] = None
-    batch_size: int = 32  # feature extraction
-    num_workers: int = 0
-    cache_dtype: str = "float16"
+    input_size: Optional[int] = at_least(None, 32)
+    crop_pct: Optional[float] = between(None, 0.0, 1.0, low_open=True)
+    batch_size: int = at_least(32, 1)  # feature extraction
+    num_workers: int = at_least(0, 0)
+    cache_dtype: str = choice("float16", ("float16", "float32"))
     cache_dir: Optional[str] = None  # default: <data.root>/features
-    finetune_after: int = -1  # step after which the CNN trains end to end; -1 never
-    finetune_lr: float = 1e-5
+    finetune_after: int = at_least(-1, -1)  # step after which the CNN trains end to end; -1 never
+    finetune_lr: float = at_least(1e-5, 0.0)
 
 
 @dataclass
 class ModelConfig:
-    inject: str = "first_input"  # first_input | init_state | first_step_bias | every_step
-    cell: str = "lstm"  # lstm | gru | rnn
-    num_layers: int = 1
-    embed_dim: int = 256
-    hidden_dim: int = 512
-    dropout: float = 0.5
-    tie_embeddings: bool = False  # output layer shares the word embedding (needs embed_dim == hidden_dim)
-    label_smoothing: float = 0.0  # training loss only; validation loss and decoding are unaffected
+    """What every model schema has; each model's own fields are in its schema beside its code
+    (``captioner.models``), selected by ``model.name``."""
+
+    name: str = MISSING
+
+
+@dataclass
+class ObjectiveConfig:
+    """What every training objective's schema has (``captioner.objectives``)."""
+
+    name: str = MISSING
 
 
 @dataclass
 class DecodeConfig:
-    method: str = "greedy"  # greedy | sample | beam
-    max_length: int = 20
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    beam_size: int = 3
-    length_penalty: str = "none"  # none | average | gnmt
-    alpha: float = 0.7  # GNMT length-penalty exponent
-    n_best: int = 1
+    method: str = choice("greedy", ("greedy", "sample", "beam"))
+    max_length: int = at_least(20, 1)  # words, not counting <eos>
+    temperature: float = above(1.0, 0.0)
+    top_k: int = at_least(0, 0)
+    top_p: float = between(1.0, 0.0, 1.0, low_open=True)
+    beam_size: int = at_least(3, 1)
+    length_penalty: str = choice("none", ("none", "average", "gnmt"))
+    alpha: float = at_least(0.7, 0.0)  # GNMT length-penalty exponent
+    n_best: int = at_least(1, 1)
     block_trigrams: bool = False
     ban_unk: bool = False
     seed: int = 0
-    batch_size: int = 100
+    batch_size: int = at_least(100, 1)
+
+    @staticmethod
+    def check(node) -> Optional[str]:
+        if node.method == "beam" and node.n_best > node.beam_size:
+            return f"n_best={node.n_best}: must be between 1 and decode.beam_size={node.beam_size}"
+        return None
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 5.0
-    schedule: str = "cosine"  # cosine | step | constant
-    warmup_steps: int = 100
-    step_epochs: int = 3  # step schedule: decay every N epochs
-    gamma: float = 0.8
+    lr: float = above(2e-3, 0.0)
+    weight_decay: float = at_least(0.0, 0.0)
+    beta1: float = between(0.9, 0.0, 1.0)
+    beta2: float = between(0.999, 0.0, 1.0)
+    grad_clip: float = at_least(5.0, 0.0)  # 0: no clipping
+    schedule: str = choice("cosine", ("cosine", "step", "constant"))
+    warmup_steps: int = at_least(100, 0)
+    step_epochs: int = at_least(3, 1)  # step schedule: decay every N epochs
+    gamma: float = between(0.8, 0.0, 1.0, low_open=True)
     # validate and save an exponential moving average of the decoder's weights (0: the weights as
     # trained); checkpoints keep the trained weights too, for resuming
-    ema_decay: float = 0.0
+    ema_decay: float = between(0.0, 0.0, 1.0)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 6
-    batch_size: int = 64
+    epochs: int = at_least(6, 1)
+    batch_size: int = at_least(64, 1)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out_dir: Optional[str] = None  # default: Hydra's run directory
-    log_every: int = 50
-    val_max_images: int = 0  # 0: the whole val split
-    monitor: str = "Bleu_4"
+    log_every: int = at_least(50, 0)
+    val_max_images: int = at_least(0, 0)  # 0: the whole val split
+    monitor: str = choice("Bleu_4", ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"))
     progress: bool = True
     plot: bool = True
     resume: Optional[str] = None  # PATH (a last.pt/best.pt, or a run directory) | auto (out_dir/last.pt if any)
-    save_every: int = 0  # also save last.pt every N optimizer steps, for mid-epoch resume (0: epoch ends only)
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    save_every: int = at_least(0, 0)  # also save last.pt every N optimizer steps, for mid-epoch resume
+    precision: str = choice("fp32", owned_by("captioner.precision", "PRECISIONS"))
     compile: bool = False
-    max_steps: int = 0  # 0: no limit (tests use a few steps)
+    max_steps: int = at_least(0, 0)  # 0: no limit (tests use a few steps)
 
+
+# --- commands ----------------------------------------------------------------------------------
 
 @dataclass
 class TrainRunConfig:
+    """python -m captioner.train"""
+
     data: DataConfig = field(default_factory=DataConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = MISSING
+    objective: ObjectiveConfig = MISSING
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -136,7 +233,7 @@ class EvaluateRunConfig:
     checkpoint: Optional[str] = None
     # more checkpoints decoded together with `checkpoint` as one ensemble (same vocabulary and encoder)
     ensemble: list[str] = field(default_factory=list)
-    split: str = "test"
+    split: str = choice("test", ("train", "val", "test"))
     # `data=...` on the command line evaluates on another data set than the checkpoint's
     data: Optional[DataConfig] = None
     decode: DecodeConfig = field(default_factory=DecodeConfig)
@@ -144,23 +241,77 @@ class EvaluateRunConfig:
     results: Optional[str] = None
     annotations: Optional[str] = None
     metrics: list[str] = field(default_factory=lambda: ["bleu", "meteor", "rouge", "cider"])
-    tokenizer: str = "auto"  # auto | java | python
+    tokenizer: str = choice("auto", ("auto", "java", "python"))
     output_dir: Optional[str] = None  # default: beside the checkpoint
     device: str = "auto"
     progress: bool = True
 
 
+@dataclass
+class CaptionRunConfig:
+    """python -m captioner.caption FOLDER checkpoint=PATH"""
+
+    folder: Optional[str] = None  # also accepted as the first argument
+    checkpoint: Optional[str] = None  # a .pt written by training (best.pt or last.pt)
+    output: str = "captions.json"
+    html: bool = False  # also write a gallery page: output with .html
+    thumbnail_size: int = at_least(256, 16)  # gallery thumbnails: longer side in pixels
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = at_least(16, 1)  # images per encoder batch
+    num_workers: int = at_least(0, 0)  # processes decoding images
+    progress: bool = True
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
 def register_configs() -> None:
+    from captioner.models import MODELS
+    from captioner.objectives import OBJECTIVES
+
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainRunConfig)
     cs.store(name="evaluate_schema", node=EvaluateRunConfig)
+    cs.store(name="caption_schema", node=CaptionRunConfig)
+    MODELS.store_schemas(cs)
+    OBJECTIVES.store_schemas(cs)
 
 
-register_configs()
+def decode_config(decode: Any = None, **overrides) -> DictConfig:
+    """A typed, checked ``decode`` node: the schema's defaults, then ``decode`` (a DecodeConfig, a
+    mapping or a DictConfig), then ``overrides``. A misspelled option or a bad value fails here."""
+    given = set(decode.keys() if decode is not None and not dataclasses.is_dataclass(decode) else ()) | set(overrides)
+    unknown = given - {f.name for f in dataclasses.fields(DecodeConfig)}
+    if unknown:
+        raise TypeError(f"unknown decode option(s): {', '.join(sorted(unknown))}")
+    cfg = OmegaConf.merge(OmegaConf.structured(DecodeConfig), decode if decode is not None else {}, overrides)
+    validate(cfg_with("decode", cfg))
+    return cfg
+
+
+def cfg_with(key: str, node: DictConfig) -> DictConfig:
+    """``node`` under ``key`` (so validation messages say ``decode.beam_size``, not ``beam_size``)."""
+    parent = OmegaConf.create({})
+    parent[key] = node
+    return parent
 
 
 def to_plain(cfg: Any) -> dict:
     """The config as plain data (dicts, lists, scalars) for checkpoints and logs."""
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
+
+
+def run_dir(out_dir: Optional[str], resume: Optional[str]) -> Optional[str]:
+    """A training run's directory: ``train.out_dir``, else that of the checkpoint ``train.resume``
+    names (a resumed run goes on writing where it was), else None (Hydra's dated folder)."""
+    if out_dir:
+        return str(out_dir)
+    if resume and resume not in ("auto", "none", "null"):
+        return str(Path(resume) if Path(resume).is_dir() else Path(resume).parent)
+    return None
+
+
+# hydra.run.dir of training (conf/train.yaml), so a run directory holds its own log and config
+if not OmegaConf.has_resolver("captioner.run_dir"):
+    OmegaConf.register_new_resolver(
+        "captioner.run_dir", lambda out_dir, resume, fallback: run_dir(out_dir, resume) or fallback)
+
+register_configs()

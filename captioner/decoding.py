@@ -21,7 +21,6 @@ Conventions shared by every method, so their outputs compare:
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -30,8 +29,6 @@ import torch
 
 from captioner.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
-METHODS = ("greedy", "sample", "beam")
-LENGTH_PENALTIES = ("none", "average", "gnmt")
 
 
 @dataclass
@@ -97,8 +94,7 @@ def _words(seq: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def greedy(model, features: torch.Tensor, max_length: int = 20, ban_unk: bool = False,
-           block_trigrams: bool = False) -> DecodeOutput:
+def greedy(model, features: torch.Tensor, *, max_length: int, ban_unk: bool, block_trigrams: bool) -> DecodeOutput:
     """The most likely next token at every step (the first one on an exact tie)."""
     return _decode_one_path(model, features, max_length, lambda lp: lp.argmax(dim=-1), ban_unk, block_trigrams)
 
@@ -120,8 +116,8 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 @torch.no_grad()
-def sample(model, features: torch.Tensor, max_length: int = 20, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0, seed: int = 0, ban_unk: bool = False, block_trigrams: bool = False) -> DecodeOutput:
+def sample(model, features: torch.Tensor, *, max_length: int, temperature: float, top_k: int, top_p: float,
+           seed: int, ban_unk: bool, block_trigrams: bool) -> DecodeOutput:
     """Draw each token from the model's distribution: divided by ``temperature``, then filtered by
     ``top_k`` and ``top_p``. A private generator seeded with ``seed`` makes a run reproducible
     (same seed, batch and device: same captions) without touching the global RNG."""
@@ -142,9 +138,7 @@ def length_penalty_fn(kind: str, alpha: float = 0.7):
         return lambda length: 1.0
     if kind == "average":
         return lambda length: float(length)
-    if kind == "gnmt":  # Wu et al. 2016
-        return lambda length: ((5.0 + length) / 6.0) ** alpha
-    raise ValueError(f"decode.length_penalty={kind!r}: choose one of {', '.join(LENGTH_PENALTIES)}")
+    return lambda length: ((5.0 + length) / 6.0) ** alpha  # gnmt (Wu et al. 2016)
 
 
 def best_future_score(score, words: int, max_length: int, penalty) -> float | torch.Tensor:
@@ -158,9 +152,8 @@ def best_future_score(score, words: int, max_length: int, penalty) -> float | to
 
 
 @torch.no_grad()
-def beam_search(model, features: torch.Tensor, beam_size: int = 3, max_length: int = 20,
-                length_penalty: str = "none", alpha: float = 0.7, n_best: int = 1,
-                ban_unk: bool = False, block_trigrams: bool = False) -> DecodeOutput:
+def beam_search(model, features: torch.Tensor, *, beam_size: int, max_length: int, length_penalty: str,
+                alpha: float, n_best: int, ban_unk: bool, block_trigrams: bool) -> DecodeOutput:
     """Beam search over all images at once: every step is one ``model.step`` on [images * K] rows.
 
     Per image, with K = ``beam_size``, at step t (the active hypotheses have t words):
@@ -182,10 +175,6 @@ def beam_search(model, features: torch.Tensor, beam_size: int = 3, max_length: i
     Returns the best finished hypothesis per image and, when ``n_best > 1``, the ``n_best``
     best with their penalized scores, best first.
     """
-    if beam_size < 1:
-        raise ValueError(f"decode.beam_size={beam_size}: must be at least 1")
-    if not 1 <= n_best <= beam_size:
-        raise ValueError(f"decode.n_best={n_best}: must be between 1 and decode.beam_size={beam_size}")
     penalty = length_penalty_fn(length_penalty, alpha)
     k, batch, device = beam_size, features.size(0), features.device
     arange_k = torch.arange(k, device=device)
@@ -272,43 +261,22 @@ def _beam_output(words, lengths, scores, n_best) -> DecodeOutput:
 
 
 # -- the one entry point ---------------------------------------------------------------------
-def _option_names() -> set[str]:
-    from captioner.config import DecodeConfig
-
-    return {f.name for f in dataclasses.fields(DecodeConfig)}
-
-
 def generate(model, features: torch.Tensor, method: str = "greedy", **options) -> DecodeOutput:
     """Decode a batch of image features [B, D] with ``method`` (greedy | sample | beam).
 
-    ``options`` are the ``decode`` config's fields; each method takes those it uses and ignores
-    the others (greedy ignores beam_size, ...), so one config serves every method. A name that is
-    no ``decode`` field at all is an error rather than silently ignored.
+    ``options`` are the ``decode`` config's fields, its schema's defaults where not given (one
+    place: ``captioner.config.DecodeConfig``), checked there; each method takes those it uses and
+    ignores the others (greedy ignores beam_size, ...), so one config serves every method.
+    A name that is no ``decode`` field at all is an error rather than silently ignored.
     """
-    unknown = set(options) - _option_names()
-    if unknown:
-        raise TypeError(f"unknown decode option(s): {', '.join(sorted(unknown))}")
-    max_length = int(options.get("max_length", 20))
-    if max_length < 1:
-        raise ValueError(f"decode.max_length={max_length}: must be at least 1")
-    common = {
-        "max_length": max_length,
-        "ban_unk": bool(options.get("ban_unk", False)),
-        "block_trigrams": bool(options.get("block_trigrams", False)),
-    }
-    if method == "greedy":
+    from captioner.config import decode_config
+
+    cfg = decode_config(options, method=method)
+    common = {"max_length": cfg.max_length, "ban_unk": cfg.ban_unk, "block_trigrams": cfg.block_trigrams}
+    if cfg.method == "greedy":
         return greedy(model, features, **common)
-    if method == "sample":
-        temperature = float(options.get("temperature", 1.0))
-        top_k, top_p = int(options.get("top_k", 0)), float(options.get("top_p", 1.0))
-        if temperature <= 0:
-            raise ValueError(f"decode.temperature={temperature}: must be > 0 (use decode=greedy for the argmax)")
-        if top_k < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"decode.top_k={top_k}, decode.top_p={top_p}: need top_k >= 0 and 0 < top_p <= 1")
-        return sample(model, features, temperature=temperature, top_k=top_k, top_p=top_p,
-                      seed=int(options.get("seed", 0)), **common)
-    if method == "beam":
-        return beam_search(model, features, beam_size=int(options.get("beam_size", 3)),
-                           length_penalty=str(options.get("length_penalty", "none")),
-                           alpha=float(options.get("alpha", 0.7)), n_best=int(options.get("n_best", 1)), **common)
-    raise ValueError(f"decode.method={method!r}: choose one of {', '.join(METHODS)}")
+    if cfg.method == "sample":
+        return sample(model, features, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed,
+                      **common)
+    return beam_search(model, features, beam_size=cfg.beam_size, length_penalty=cfg.length_penalty, alpha=cfg.alpha,
+                       n_best=cfg.n_best, **common)

@@ -9,8 +9,9 @@ How the pieces fit, so that N processes compute what one process would:
 - ``train.batch_size`` is the global batch. Every rank walks the same deterministic sequence of
   global batches (``CaptionBatches.epoch``) and takes its contiguous slice of each one
   (``shard_batches``), so nothing about the order depends on the number of processes.
-- The loss is a mean over real tokens and shards hold different numbers of tokens, so
-  ``DataParallelCaptioner.loss`` weights each rank's mean by its share of the global token count
+- The loss is a mean over real tokens (the objective's weight) and shards hold different numbers
+  of tokens, so ``DataParallelObjective.compute`` weights each rank's mean by its share of the
+  global weight
   (one tiny all-reduce); DDP's gradient average is then exactly the gradient of the global
   batch's per-token mean, the same as a single process (to rounding).
 - Validation decodes a slice of the images per rank and gathers the captions; every rank scores
@@ -23,15 +24,18 @@ NCCL is the backend on GPUs, Gloo on CPUs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from captioner.objectives import Batch, ObjectiveOutput
 
 log = logging.getLogger("captioner.distributed")
 
@@ -161,72 +165,69 @@ def cleanup(ctx: Dist) -> None:
         dist.destroy_process_group()
 
 
-def shard_batches(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], ctx: Dist):
-    """This rank's contiguous slice of every global (features, tokens) batch, trimmed to its own
-    longest caption. A rank whose slice is empty (a last batch smaller than the world) gets an
-    empty batch; ``DataParallelCaptioner.loss`` still takes part in the gradient all-reduce."""
+def shard_batches(batches: Iterable[Batch], ctx: Dist) -> Iterator[Batch]:
+    """This rank's contiguous slice of every global batch, trimmed to its own longest caption. A
+    rank whose slice is empty (a last batch smaller than the world) gets an empty batch;
+    ``DataParallelObjective.compute`` still takes part in the gradient all-reduce."""
     from captioner.vocab import PAD_ID
 
-    for features, tokens in batches:
-        rows = ctx.part(features.size(0))
-        f, t = features[rows.start : rows.stop], tokens[rows.start : rows.stop]
+    for batch in batches:
+        rows = ctx.part(batch.features.size(0))
+        part = Batch(*(t[rows.start : rows.stop] for t in batch))
         if len(rows):
-            t = t[:, : int((t != PAD_ID).sum(dim=1).max())]
-        yield f, t
+            part = part._replace(tokens=part.tokens[:, : int((part.tokens != PAD_ID).sum(dim=1).max())])
+        yield part
 
 
-class _LossForward(nn.Module):
-    """DDP hooks into ``forward``; the training step needs the model's ``loss``."""
+class _ObjectiveForward(nn.Module):
+    """DDP hooks into ``forward``: here it is the objective applied to the model."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, objective):
         super().__init__()
-        self.model = model
+        self.model, self.objective = model, objective
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor):
-        return self.model.loss(features, tokens)
+    def forward(self, batch: Batch) -> ObjectiveOutput:
+        return self.objective(self.model, batch)
 
 
-class DataParallelCaptioner(nn.parallel.DistributedDataParallel):
-    """DDP around a captioner, with the same ``loss(features, tokens) -> (loss, n_tokens)`` as the
-    model, so ``engine.train_one_epoch`` trains either.
+class DataParallelObjective(nn.parallel.DistributedDataParallel):
+    """DDP around (model, objective); ``compute(batch)`` gives what the objective gives in one
+    process, so ``engine.train_one_epoch`` trains either.
 
-    The returned loss has the value of the global batch's per-token mean (so logs, the NaN check
-    and the epoch mean agree on every rank) and the gradient of this rank's token sum over the
-    global token count, times the world size that DDP's average divides by. ``n_tokens`` is the
-    global count."""
+    The returned loss has the value of the global batch's mean (so logs, the NaN check and the
+    epoch mean agree on every rank) and the gradient of this rank's weighted sum over the global
+    weight, times the world size that DDP's average divides by. ``weight`` is the global one."""
 
-    def __init__(self, model: nn.Module, device: torch.device, world_size: int):
-        super().__init__(_LossForward(model), device_ids=[device.index] if device.type == "cuda" else None)
+    def __init__(self, model: nn.Module, objective, device: torch.device, world_size: int):
+        super().__init__(_ObjectiveForward(model, objective),
+                         device_ids=[device.index] if device.type == "cuda" else None)
         self.world = world_size
         self.device = device
 
-    def loss(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def compute(self, batch: Batch) -> ObjectiveOutput:
         from captioner.vocab import BOS_ID, EOS_ID
 
-        empty = features.size(0) == 0
+        empty = batch.features.size(0) == 0
         if empty:  # take part in the all-reduce with a stand-in example of weight 0
-            features = features.new_zeros((1, features.size(1)))
-            tokens = torch.tensor([[BOS_ID, EOS_ID]], device=tokens.device)
-        mean, n_local = self(features, tokens)
-        n_local = 0 if empty else int(n_local)
-        stats = torch.tensor([float(n_local), mean.detach().double().item() * n_local], dtype=torch.float64,
+            batch = Batch(batch.features.new_zeros((1, *batch.features.shape[1:])),
+                          torch.tensor([[BOS_ID, EOS_ID]], device=batch.tokens.device),
+                          torch.zeros(1, dtype=torch.long, device=batch.tokens.device))
+        out = self(batch)
+        n_local = 0 if empty else int(out.weight)
+        stats = torch.tensor([float(n_local), out.loss.detach().double().item() * n_local], dtype=torch.float64,
                              device=self.device)
         dist.all_reduce(stats)
         n_global, loss_sum = int(stats[0].item()), stats[1].item()
         global_mean = loss_sum / max(n_global, 1)
-        scaled = mean * (n_local * self.world / max(n_global, 1))
-        return scaled + (global_mean - scaled.detach()), n_global
+        scaled = out.loss * (n_local * self.world / max(n_global, 1))
+        return ObjectiveOutput(scaled + (global_mean - scaled.detach()), n_global, out.figures)
 
 
-def wrap(model: nn.Module, ctx: Dist, device: torch.device) -> nn.Module:
-    """The module the training step calls: the model itself, or DDP around it."""
-    return DataParallelCaptioner(model, device, ctx.world_size) if ctx.enabled else model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    if isinstance(model, DataParallelCaptioner):
-        return model.module.model
-    return model
+def wrap(model: nn.Module, objective, ctx: Dist, device: torch.device) -> Callable[[Batch], ObjectiveOutput]:
+    """What the training step calls: the objective on the model, through DDP under torchrun."""
+    if ctx.enabled:
+        return DataParallelObjective(model, objective, device, ctx.world_size).compute
+    return functools.partial(objective, model)
 
 
 def seed_rank(seed: int, ctx: Dist) -> None:

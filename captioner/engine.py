@@ -5,6 +5,7 @@ captioning decode and score through it. It always decodes (never teacher forcing
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterator, Optional, Sequence
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from captioner.datasets import ImageRecord
+from captioner.objectives import Batch, ObjectiveOutput
 from captioner.precision import Precision
 from captioner.vocab import PAD_ID, Vocabulary
 
@@ -47,9 +49,9 @@ class CaptionBatches:
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.batch_size)
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         for rows, tokens in self.epoch_rows(epoch, start):
-            yield torch.from_numpy(np.asarray(self.features[rows.numpy()], dtype=np.float32)), tokens
+            yield Batch(torch.from_numpy(np.asarray(self.features[rows.numpy()], dtype=np.float32)), tokens, rows)
 
     def epoch_rows(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of ``epoch`` from ``start`` as (image rows of the records, tokens)."""
@@ -58,67 +60,74 @@ class CaptionBatches:
             pairs = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield self.rows[pairs], self.tokens[pairs, : int(self.lengths[pairs].max())]
 
-    def epoch_images(self, epoch: int, records: Sequence[ImageRecord], spec: dict, start: int = 0,
-                     num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The same batches as ``epoch`` with each pair's image instead of its feature: (uint8
-        images [B, 3, H, W] as the encoder's ``transform_spec`` crops them, tokens). Images are read
-        in ``num_workers`` DataLoader workers; ``captioner.features.Normalize(spec)`` finishes them."""
+    def epoch_images(self, epoch: int, records: Sequence[ImageRecord], encoder, start: int = 0,
+                     num_workers: int = 0) -> Iterator[Batch]:
+        """The same batches as ``epoch`` with each pair's image instead of its feature: uint8
+        images [B, 3, H, W] as the encoder crops them (``encoder.crop``), read in ``num_workers``
+        DataLoader workers; ``encoder.normalize`` finishes them."""
         from torch.utils.data import DataLoader
 
-        from captioner.features import ImageFiles, collate, uint8_transform
+        from captioner.features import ImageFiles, collate
         from captioner.images import BadImageError
 
         batches = list(self.epoch_rows(epoch, start))
         # A private generator: worker seeds must not draw from (and shift) the global RNG.
-        loader = DataLoader(ImageFiles([r.path for r in records], uint8_transform(spec)),
+        loader = DataLoader(ImageFiles([r.path for r in records], encoder.crop),
                             batch_sampler=[rows.tolist() for rows, _ in batches], num_workers=num_workers,
                             collate_fn=collate, generator=torch.Generator().manual_seed(0))
-        for (_, images, bad), (_, tokens) in zip(loader, batches):
+        for (_, images, bad), (rows, tokens) in zip(loader, batches):
             if bad:
                 raise BadImageError(bad[0][1])
-            yield images, tokens
+            yield Batch(images, tokens, rows)
 
 
 def train_one_epoch(model, optimizer, scheduler, batches, device, grad_clip: float = 0.0,
                     progress=None, on_step=None, precision: Optional[Precision] = None,
-                    encode=None) -> tuple[float, int]:
-    """One pass over ``batches``; returns the mean loss per real token and the number of steps.
+                    encode=None, compute=None) -> tuple[float, int]:
+    """One pass over ``batches`` (``objectives.Batch``); returns the mean loss per unit of weight
+    (per real token, for cross-entropy) and the number of steps.
 
-    ``encode`` (fine-tuning the CNN) turns a batch's inputs into features inside the step, so the
-    loss reaches the encoder: then ``batches`` yields (images, tokens), not (features, tokens).
-    Gradient clipping covers every parameter the optimizer holds (decoder and encoder).
+    ``compute(batch) -> ObjectiveOutput`` is the training objective applied to the model (under
+    torchrun, through DDP: ``captioner.distributed.wrap``); the default is cross-entropy.
+    ``encode`` (fine-tuning the CNN) turns a batch's images into features inside the step, so the
+    loss reaches the encoder. Gradient clipping covers every parameter the optimizer holds.
 
     ``precision`` (``captioner.precision.Precision``; default fp32) adds autocast around the
     loss and, for fp16, loss scaling around backward and the optimizer step.
 
-    ``on_step(loss, n_tokens)`` runs after every optimizer step (checkpointing, stopping). A loss
-    that is not finite raises FloatingPointError before it can reach the weights."""
+    ``on_step(output, loss)`` runs after every optimizer step (checkpointing, stopping) with the
+    objective's output and the loss as a float. A loss that is not finite raises
+    FloatingPointError before it can reach the weights."""
+    if compute is None:
+        from captioner.objectives.cross_entropy import CrossEntropy
+
+        compute = functools.partial(CrossEntropy(), model)
     model.train()
     precision = precision or Precision("fp32")
-    total_loss, total_tokens, steps = 0.0, 0, 0
-    for features, tokens in batches:
-        features, tokens = features.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+    total_loss, total_weight, steps = 0.0, 0, 0
+    for batch in batches:
+        batch = Batch(*(t.to(device, non_blocking=True) if t is not None else None for t in batch))
         with precision.autocast():
             if encode is not None:
-                features = encode(features)
-            loss, n_tokens = model.loss(features, tokens)
-        value = loss.item()
+                batch = batch._replace(features=encode(batch.features))
+            out: ObjectiveOutput = compute(batch)
+        value = out.loss.item()
         if not math.isfinite(value):
             raise FloatingPointError(f"training loss became {value}; lower optim.lr or check the data")
         optimizer.zero_grad(set_to_none=True)
-        precision.backward(loss)
+        precision.backward(out.loss)
         precision.step(optimizer, [p for group in optimizer.param_groups for p in group["params"]], grad_clip)
         if scheduler is not None:
             scheduler.step()
-        total_loss += value * n_tokens
-        total_tokens += n_tokens
+        total_loss += value * out.weight
+        total_weight += out.weight
         steps += 1
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{total_loss / total_tokens:.3f}")
+            progress.set_postfix(loss=f"{total_loss / max(total_weight, 1):.3f}")
         if on_step is not None:
-            on_step(value, n_tokens)
-    return total_loss / max(total_tokens, 1), steps
+            on_step(out, value)
+    return total_loss / max(total_weight, 1), steps
 
 
 @torch.no_grad()

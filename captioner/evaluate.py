@@ -17,13 +17,15 @@ import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from captioner.config import CONF_DIR
+from captioner.checkpoint import CheckpointError, load_checkpoint, restore_model
+from captioner.cli import command
+from captioner.config import validate
 from captioner.io import atomic_write_text
 from captioner.metrics import format_scores, score_results_file
+from captioner.runtime import resolve_device
 
 log = logging.getLogger("captioner.evaluate")
 
@@ -36,16 +38,11 @@ def checkpoint_split(checkpoint: str, split: str, data_cfg=None, device: str | t
     checkpoint carries fine-tuned encoder weights (the cache describes the original ones).
     ``data_cfg`` None means the data set the checkpoint was trained on.
     """
-    from captioner.checkpoint import load_checkpoint, restore_model
     from captioner.datasets import load_records
-    from captioner.features import compute_features, split_features
-    from captioner.train import feature_cache_dir, resolve_device
+    from captioner.features import compute_features, feature_cache_dir, split_features
 
-    device = resolve_device(device) if isinstance(device, str) else device
-    ckpt = load_checkpoint(checkpoint)
-    model, vocab, ckpt_cfg, encoder = restore_model(ckpt, device, with_encoder=True)
-    finetuned = "encoder" in ckpt
-    del ckpt
+    device = resolve_device(device)
+    model, vocab, ckpt_cfg, encoder, finetuned = restore_model(checkpoint, device, with_encoder=True)  # (Restored)
     data_cfg = data_cfg if data_cfg is not None else ckpt_cfg.data
     records = load_records(data_cfg).get(split)
     if not records:
@@ -64,7 +61,6 @@ def ensemble_with(first: str, model, vocab, ckpt_cfg, checkpoints: Sequence[str]
     """``model`` (restored from checkpoint ``first``) and the decoders of ``checkpoints`` as one
     ``Ensemble``. Every member must read the same frozen encoder's features and write the same
     vocabulary."""
-    from captioner.checkpoint import CheckpointError, load_checkpoint, restore_model
     from captioner.ensemble import Ensemble
 
     if OmegaConf.select(ckpt_cfg, "encoder.finetune_after", default=-1) >= 0:
@@ -76,7 +72,8 @@ def ensemble_with(first: str, model, vocab, ckpt_cfg, checkpoints: Sequence[str]
         if "encoder" in ckpt:
             raise CheckpointError(f"{path} has a fine-tuned encoder: ensembles need members that read the same "
                                   "frozen features")
-        member, member_vocab, member_cfg = restore_model(ckpt, device)
+        member = restore_model(ckpt, device)
+        member_vocab, member_cfg = member.vocab, member.config
         if member_vocab.itos != vocab.itos:
             raise CheckpointError(f"{path} was trained with another vocabulary than {first} ({len(member_vocab)} "
                                   f"and {len(vocab)} words): ensemble models trained on the same data and "
@@ -84,7 +81,7 @@ def ensemble_with(first: str, model, vocab, ckpt_cfg, checkpoints: Sequence[str]
         if member_cfg.encoder.name != ckpt_cfg.encoder.name:
             raise CheckpointError(f"{path} reads encoder={member_cfg.encoder.name} features, {first} "
                                   f"encoder={ckpt_cfg.encoder.name}: ensemble models trained on the same encoder")
-        members.append(member)
+        members.append(member.model)
     return Ensemble(members).to(device).eval()
 
 
@@ -95,7 +92,6 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", decode_cfg=None, d
     """Decode ``split`` with the checkpoint's model (with the ``ensemble`` checkpoints' models,
     as one ensemble, when given) and score it; returns the scores."""
     from captioner.engine import evaluate
-    from captioner.train import resolve_device
 
     device = resolve_device(device)
     model, vocab, ckpt_cfg, records, features = checkpoint_split(checkpoint, split, data_cfg, device, progress)
@@ -120,37 +116,21 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", decode_cfg=None, d
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    validate(cfg)
     if cfg.results is not None:
         if cfg.annotations is None:
             raise ValueError("results=FILE needs annotations=FILE (a COCO-format captions file)")
-        for path in (cfg.results, cfg.annotations):
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"file not found: {path}")
         scores = score_results_file(cfg.results, cfg.annotations, metrics=list(cfg.metrics), tokenizer=cfg.tokenizer)
-        print(format_scores(scores, digits=4))
-        return scores
-    if cfg.checkpoint is None:
+    elif cfg.checkpoint is None:
         raise ValueError("give checkpoint=PATH (decode and score a split) or results=FILE annotations=FILE")
-    scores = evaluate_checkpoint(cfg.checkpoint, cfg.split, cfg.decode, cfg.data, cfg.metrics, cfg.tokenizer,
-                                 cfg.output_dir, cfg.device, cfg.progress, list(cfg.ensemble))
+    else:
+        scores = evaluate_checkpoint(cfg.checkpoint, cfg.split, cfg.decode, cfg.data, cfg.metrics, cfg.tokenizer,
+                                     cfg.output_dir, cfg.device, cfg.progress, list(cfg.ensemble))
     print(format_scores(scores, digits=4))
     return scores
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
-def hydra_main(cfg: DictConfig) -> None:
-    from captioner.cli import known_errors
-
-    with known_errors():
-        run(cfg)
-
-
-def main() -> None:
-    """A config mistake or a known error (missing file, bad checkpoint) is one line and exit 1."""
-    from captioner import cli
-
-    cli.run(hydra_main, "evaluate")
-
+main = command("evaluate", run)
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
 
 from captioner.datasets import ImageRecord
 from captioner.images import BadImageError, load_image
@@ -34,33 +33,12 @@ from captioner.io import atomic_path, atomic_write_text
 log = logging.getLogger("captioner.features")
 
 FORMAT_VERSION = 1  # bump when the cache layout or the extraction changes, to rebuild old caches
-CACHE_DTYPES = ("float16", "float32")
 SAVE_EVERY_S = 10.0  # how often an extraction records its progress for resuming
-BAD_IMAGE_MODES = ("error", "skip")
 
 
-# --- preprocessing ---------------------------------------------------------------------
-# Workers stop at uint8 (resize + crop with the encoder's own PIL transform) and the batch is
-# normalised on the device: the same arithmetic as Encoder.transform (ToTensor's /255, then
-# Normalize), so the features are bit-identical, with 4x less data through worker shared
-# memory and the float work vectorised over the batch instead of done per image in a worker.
-
-def uint8_transform(spec: dict):
-    """PIL image -> uint8 [3, crop, crop]: Encoder.transform up to, not including, ToTensor."""
-    return T.Compose([T.Resize(spec["resize"], interpolation=T.InterpolationMode(spec["interpolation"])),
-                      T.CenterCrop(spec["crop"]), T.PILToTensor()])
-
-
-class Normalize(torch.nn.Module):
-    """uint8 batch [B, 3, H, W] -> the float input the encoder expects."""
-
-    def __init__(self, spec: dict):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(spec["mean"], dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(spec["std"], dtype=torch.float32).view(1, 3, 1, 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return images.float().div_(255).sub_(self.mean).div_(self.std)
+def feature_cache_dir(data_cfg, encoder_cfg) -> Path:
+    """``encoder.cache_dir``, or ``<data.root>/features``."""
+    return Path(encoder_cfg.cache_dir or Path(data_cfg.root) / "features")
 
 
 class ImageFiles(Dataset):
@@ -94,20 +72,18 @@ def encode_images(encoder, paths: Sequence[str], batch_size: int = 32, num_worke
     [(index, error)] of the unreadable images) per batch. Decoding runs in ``num_workers``
     DataLoader workers, overlapping with the CNN."""
     device = torch.device(device)
-    spec = encoder.transform_spec()
     # A private generator: the loader's worker seeds must not draw from (and shift) the global RNG.
-    loader = DataLoader(ImageFiles(paths, uint8_transform(spec), start), batch_size=batch_size,
+    loader = DataLoader(ImageFiles(paths, encoder.crop, start), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=collate, pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(0))
     was_training = encoder.training
     encoder.to(device).eval()  # extraction never uses dropout/BN batch statistics, frozen or not
-    normalize = Normalize(spec).to(device)
     try:
         for indices, images, bad in loader:
             feats = None
             if images is not None:
                 with torch.inference_mode():  # not around the yield: the mode would leak into the caller
-                    feats = encoder(normalize(images.to(device, non_blocking=True)))
+                    feats = encoder(encoder.normalize(images.to(device, non_blocking=True)))
             yield indices, feats, bad
     finally:
         encoder.train(was_training)
@@ -226,10 +202,6 @@ def split_features(encoder, records: Sequence[ImageRecord], cache_dir: str | Pat
     Unreadable images are named in the log as they are found; ``on_bad_image="error"`` raises one
     BadImageError naming all of them after the pass (which is kept, so switching to ``skip`` costs
     no recomputation), ``"skip"`` drops them from ``.records`` and ``.features``."""
-    if dtype not in CACHE_DTYPES:
-        raise ValueError(f"encoder.cache_dtype={dtype!r}: choose {' or '.join(CACHE_DTYPES)}")
-    if on_bad_image not in BAD_IMAGE_MODES:
-        raise ValueError(f"data.on_bad_image={on_bad_image!r}: choose error or skip")
     records = list(records)
     if not records:
         raise ValueError(f"split {split!r} has no images")
@@ -330,15 +302,6 @@ def all_split_features(encoder, records: dict[str, Sequence[ImageRecord]], cache
     fingerprint = weights_fingerprint(encoder)
     return {split: split_features(encoder, recs, cache_dir, split, fingerprint=fingerprint, **kwargs)
             for split, recs in records.items() if recs}
-
-
-def cached_features(encoder, records: list[ImageRecord], cache_dir: str | Path, split: str,
-                    dtype: str = "float16", batch_size: int = 32, num_workers: int = 0,
-                    device: str | torch.device = "cpu", progress: bool = True) -> np.ndarray:
-    """Features [len(records), D], memory-mapped; any unreadable image is an error (so rows always
-    line up with ``records``). ``split_features`` also offers skipping them."""
-    return split_features(encoder, records, cache_dir, split, dtype=dtype, batch_size=batch_size,
-                          num_workers=num_workers, device=device, progress=progress).features
 
 
 def compute_features(encoder, records: Sequence[ImageRecord], dtype: str = "float16", batch_size: int = 32,

@@ -12,7 +12,6 @@ METEOR (and SPICE) run in Java; without Java their value is None, "unavailable",
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -79,14 +78,23 @@ def score_results_file(results_json: Union[str, os.PathLike], annotations_json: 
     Results are ``[{"image_id": ..., "caption": ...}, ...]`` with one caption per image; only
     the images in the results are scored, in the annotation file's image order (as the toolkit).
     """
-    with open(results_json, encoding="utf-8") as f:
-        results = json.load(f)
-    with open(annotations_json, encoding="utf-8") as f:
-        annotations = json.load(f)
+    from captioner.io import read_json
+
+    results = read_json(results_json, "results file")
+    annotations = read_json(annotations_json, "annotations file")
+    if not isinstance(results, list) or not all(isinstance(r, dict) and {"image_id", "caption"} <= set(r)
+                                                for r in results):
+        raise ValueError(f"results file {results_json} is not in the COCO results format "
+                         '([{"image_id": ..., "caption": ...}, ...])')
+    if not isinstance(annotations, dict) or not isinstance(annotations.get("annotations"), list) or not all(
+            isinstance(a, dict) and {"image_id", "caption"} <= set(a) for a in annotations["annotations"]):
+        raise ValueError(f"annotations file {annotations_json} is not a COCO captions file "
+                         '({"images": [...], "annotations": [{"image_id": ..., "caption": ...}, ...]})')
 
     references: dict[ImageId, list[str]] = {}
     for image in annotations.get("images", []):
-        references[image["id"]] = []
+        if isinstance(image, dict) and "id" in image:
+            references[image["id"]] = []
     for ann in annotations["annotations"]:
         references.setdefault(ann["image_id"], []).append(ann["caption"])
 

@@ -1,5 +1,5 @@
 """Training speed options: mixed precision (``train.precision``), ``torch.compile``
-(``train.compile``) and the fastest Adam the device has.
+(``train.compile``).
 
 - ``fp32``: no autocast.
 - ``bf16``: autocast to bfloat16; no loss scaling (bfloat16 has float32's exponent range). On
@@ -60,8 +60,6 @@ class Precision:
     """
 
     def __init__(self, name: str = "fp32", device: torch.device | str = "cpu"):
-        if name not in PRECISIONS:
-            raise ValueError(f"train.precision={name!r}: choose one of {', '.join(PRECISIONS)}")
         self.name = name
         self.device_type = torch.device(device).type
         self.dtype: Optional[torch.dtype] = PRECISIONS[name]
@@ -108,19 +106,6 @@ class Precision:
 
     def __repr__(self) -> str:
         return f"Precision({self.name!r}, {self.device_type!r})"
-
-
-def adam_options(device: torch.device | str) -> dict:
-    """``fused=True`` where this torch has a fused Adam for the device (CUDA; CPU since torch
-    2.4): one kernel over all parameters instead of about ten passes per tensor. At COCO size
-    (13.9M parameters) an Adam step took 21 ms fused against 79 ms per-tensor on one CPU thread,
-    and 32 ms against 275 ms with two threads on a busy shared machine."""
-    device = torch.device(device)
-    try:
-        torch.optim.Adam([torch.zeros(1, device=device, requires_grad=True)], fused=True)
-        return {"fused": True}
-    except (RuntimeError, TypeError, ValueError):
-        return {"foreach": True} if device.type == "cuda" else {}
 
 
 def _has_cxx_compiler() -> bool:

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner.decoding import generate  # noqa: E402
-from captioner.model import ShowTell  # noqa: E402
+from captioner.models.show_tell import ShowTell  # noqa: E402
 
 
 def _best_time(fn, repeats: int) -> tuple[float, object]:

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from captioner.encoders import build_encoder  # noqa: E402
-from captioner.features import Normalize, encode_images, uint8_transform  # noqa: E402
+from captioner.features import encode_images  # noqa: E402
 from captioner.images import load_image  # noqa: E402
 
 FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k" / "images"
@@ -95,8 +95,7 @@ def run(argv=None) -> list[dict]:
             encoder = build_encoder(name, pretrained=False)
             batch_size = args.batch_size or BATCH.get(name, 32)
             paths = all_paths[: NUM_IMAGES.get(name, args.num_images)]
-            spec, normalize = encoder.transform_spec(), Normalize(encoder.transform_spec())
-            to_uint8, decode_ms = uint8_transform(spec), float("inf")
+            normalize, to_uint8, decode_ms = encoder.normalize, encoder.crop, float("inf")
             for _ in range(args.repeats):  # what a worker does per image, in CPU time
                 cpu = time.process_time()
                 decoded = [to_uint8(load_image(p)) for p in paths]

@@ -65,11 +65,11 @@ def child(args) -> list[dict]:
     import torch
     from omegaconf import OmegaConf
 
-    from captioner.config import ModelConfig
+    from captioner.models.show_tell import ShowTellConfig
     from captioner.datasets import ImageRecord
     from captioner.engine import CaptionBatches, train_one_epoch
     from captioner.features import open_cache
-    from captioner.model import build_model
+    from captioner.models import build_model
     from captioner.vocab import SPECIALS, Vocabulary
 
     torch.manual_seed(0)
@@ -93,7 +93,7 @@ def child(args) -> list[dict]:
                for i in range(len(features))]  # COCO-like: 5 captions of 10 words per image
     del ids
     batches = CaptionBatches(features, records, vocab, max_length=16, batch_size=args.batch_size)
-    model = build_model(OmegaConf.structured(ModelConfig), len(vocab), features.shape[1])
+    model = build_model(OmegaConf.structured(ShowTellConfig), len(vocab), features.shape[1])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     phase(f"records, CaptionBatches ({len(batches.rows)} pairs), model")
 

@@ -49,8 +49,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner.engine import train_one_epoch  # noqa: E402
-from captioner.model import ShowTell  # noqa: E402
-from captioner.precision import Precision, adam_options, compile_loss  # noqa: E402
+from captioner.objectives import Batch  # noqa: E402
+from captioner.models.show_tell import ShowTell  # noqa: E402
+from captioner.optim import adam_options  # noqa: E402
+from captioner.precision import Precision, compile_loss  # noqa: E402
 from captioner.vocab import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
 
 
@@ -150,6 +152,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
 
     g = torch.Generator().manual_seed(args.seed)
     features = torch.randn(B, Fd, generator=g).to(device)
+    rows = torch.arange(B, device=device)
     batches = {
         f"mixed {args.min_words}-{args.max_words}": make_tokens(
             torch.randint(args.min_words, args.max_words + 1, (B,), generator=g), V, g).to(device),
@@ -188,7 +191,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
         label = precision_name + (", compiled" if compiled else "") + (", per-tensor Adam" if adam else "")
 
         def step(tokens, model=model, optimizer=optimizer, precision=precision):
-            train_one_epoch(model, optimizer, None, [(features, tokens)], device, args.grad_clip, precision=precision)
+            train_one_epoch(model, optimizer, None, [Batch(features, tokens, rows)], device, args.grad_clip,
+                            precision=precision)
             sync()
 
         names = list(batches) if not (compiled or adam) else [mixed]

@@ -18,7 +18,7 @@ from PIL import Image
 
 from captioner.checkpoint import save_checkpoint
 from captioner.encoders import ENCODER_DIMS
-from captioner.model import build_model
+from captioner.models import build_model
 from captioner.vocab import SPECIALS, Vocabulary
 from conftest import compose_config
 

@@ -9,7 +9,7 @@ from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.cli import check_config
 from captioner.datasets import ImageRecord
 from captioner.engine import CaptionBatches
-from captioner.train import drop_empty_captions
+from captioner.datasets import drop_empty_captions
 from captioner.vocab import Vocabulary
 from trainrun import assert_one_line_error, run
 
@@ -32,7 +32,7 @@ def test_a_wrong_type_is_one_line_naming_the_key(tmp_path, shapes_root):
 @pytest.mark.parametrize("overrides, expected", [
     (["train.bach_size=8"], "unknown config key 'train.bach_size' (Key 'bach_size' not in 'TrainConfig'; "
                             "did you mean train.batch_size?)"),
-    (["model.dropuot=0.1"], "unknown config key 'model.dropuot' (Key 'dropuot' not in 'ModelConfig'; "
+    (["model.dropuot=0.1"], "unknown config key 'model.dropuot' (Key 'dropuot' not in 'ShowTellConfig'; "
                             "did you mean model.dropout?)"),
     (["+train.sav_every=5"], "unknown config key 'train.sav_every' (TrainConfig has no such field; "
                              "did you mean train.save_every?)"),
@@ -98,7 +98,7 @@ def test_empty_captions_are_skipped_with_a_count(caplog):
     records = {"train": [ImageRecord(1, "a.jpg", ["a red circle", "", "   ", ". ,"]),
                          ImageRecord(2, "b.jpg", ["", " "])],
                "val": [ImageRecord(3, "c.jpg", ["a blue square"])]}
-    with caplog.at_level(logging.WARNING, logger="captioner.train"):
+    with caplog.at_level(logging.WARNING, logger="captioner.datasets"):
         cleaned = drop_empty_captions(records)
     assert [r.captions for r in cleaned["train"]] == [["a red circle"]]
     assert cleaned["val"] == records["val"]
@@ -131,7 +131,7 @@ def test_non_ascii_and_very_long_captions(tmp_path):
 ])
 def test_bad_choices_fail_before_any_data_is_read(tmp_path, override, expected):
     from conftest import compose_config
-    from captioner.train import train
+    from captioner.trainer import train
 
     cfg = compose_config("train", ["data.name=flickr8k", f"data.root={tmp_path / 'nowhere'}",
                                    f"train.out_dir={tmp_path / 'run'}", override])

@@ -10,7 +10,7 @@ import torch
 
 from captioner.config import DecodeConfig
 from captioner.decoding import DecodeOutput, generate
-from captioner.model import INJECT_MODES, ShowTell
+from captioner.models.show_tell import INJECT_MODES, ShowTell
 from captioner.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 VOCAB, FEATURE = 14, 10

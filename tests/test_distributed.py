@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from captioner.distributed import Dist, shard_batches
-from captioner.train import train
+from captioner.objectives import Batch
+from captioner.trainer import train
 from conftest import TINY, compose_config
 from trainrun import command, env, load, one_thread, wait_for_step  # noqa: F401 (fixture)
 
@@ -23,10 +24,12 @@ def torchrun(shapes_root, run_dir, *overrides, timeout=300):
 def test_shards_split_every_batch_in_order_and_may_be_empty():
     features = torch.arange(5.0).view(5, 1)
     tokens = torch.tensor([[1, 5, 2, 0, 0], [1, 5, 6, 7, 2], [1, 2, 0, 0, 0], [1, 5, 2, 0, 0], [1, 6, 2, 0, 0]])
-    parts = [list(shard_batches([(features, tokens)], Dist(rank, 2)))[0] for rank in range(2)]
+    rows = torch.arange(5)
+    parts = [list(shard_batches([Batch(features, tokens, rows)], Dist(rank, 2)))[0] for rank in range(2)]
     assert parts[0][0].flatten().tolist() == [0.0, 1.0, 2.0] and parts[1][0].flatten().tolist() == [3.0, 4.0]
     assert parts[0][1].shape == (3, 5) and parts[1][1].shape == (2, 3)  # each trimmed to its longest caption
-    small = [list(shard_batches([(features[:1], tokens[:1])], Dist(rank, 2)))[0] for rank in range(2)]
+    assert parts[0].rows.tolist() == [0, 1, 2] and parts[1].rows.tolist() == [3, 4]
+    small = [list(shard_batches([Batch(features[:1], tokens[:1], rows[:1])], Dist(rank, 2)))[0] for rank in range(2)]
     assert small[0][0].shape == (1, 1) and small[1][0].shape == (0, 1)
     assert [len(Dist(r, 3).part(7)) for r in range(3)] == [3, 2, 2]
     assert [Dist(r, 3).part(7).start for r in range(3)] == [0, 3, 5]

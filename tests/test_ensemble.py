@@ -10,7 +10,7 @@ import torch
 
 from captioner.decoding import generate
 from captioner.ensemble import Ensemble
-from captioner.model import ShowTell
+from captioner.models.show_tell import ShowTell
 from captioner.vocab import BOS_ID
 from conftest import TINY
 from trainrun import assert_one_line_error, env

@@ -63,7 +63,7 @@ def test_cli_prints_scores_on_named_scale():
 
 
 def test_evaluates_a_checkpoint_and_writes_results(tiny_cfg, tmp_path):
-    from captioner.train import train
+    from captioner.trainer import train
 
     cfg = tiny_cfg("train.epochs=1")
     train(cfg)

@@ -3,10 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from captioner.config import CONF_DIR
+from captioner.config import CONF_DIR, validate
 from captioner.encoders import ENCODER_DIMS
-from captioner.model import build_model
-from captioner.train import check_choices
+from captioner.models import build_model
 from conftest import compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
@@ -19,7 +18,7 @@ def test_the_published_experiments_are_there():
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_and_builds(name):
     cfg = compose_config("train", [f"experiment={name}", "data.root=/nowhere"])
-    check_choices(cfg)
+    validate(cfg)
     model = build_model(cfg.model, vocab_size=50, feature_dim=ENCODER_DIMS[cfg.encoder.name])
     assert model.feature_dim == ENCODER_DIMS[cfg.encoder.name]
 

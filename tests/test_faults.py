@@ -7,10 +7,11 @@ import torch
 
 from captioner import checkpoint
 from captioner.checkpoint import load_checkpoint, save_checkpoint
-from captioner.cli import Interrupted, known_errors
+from captioner.cli import known_errors
+from captioner.runtime import Interrupted
 from captioner.images import BadImageError
-from captioner.model import ShowTell
-from captioner.train import train
+from captioner.models.show_tell import ShowTell
+from captioner.trainer import train
 from conftest import TINY, compose_config
 from trainrun import error_lines, one_thread, start, wait_for_step  # noqa: F401 (fixture)
 
@@ -72,8 +73,8 @@ def test_a_kill_during_a_write_leaves_a_temp_file_that_the_next_run_removes(tmp_
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, shapes_root, monkeypatch):
     original, calls = ShowTell.loss, {"n": 0}
 
-    def loss(self, features, tokens):
-        value, n = original(self, features, tokens)
+    def loss(self, features, tokens, label_smoothing=0.0):
+        value, n = original(self, features, tokens, label_smoothing)
         calls["n"] += 1
         return (value * float("nan") if calls["n"] == 5 else value), n
 

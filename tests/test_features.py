@@ -12,7 +12,7 @@ from torch import nn
 from captioner.datasets import ImageRecord
 from captioner.encoders import _IMAGENET_SPEC, _LITE0_SPEC, ENCODER_DIMS, Encoder
 from captioner.extract import extract
-from captioner.features import Normalize, cached_features, split_features, uint8_transform
+from captioner.features import split_features
 from captioner.images import BadImageError
 
 from conftest import compose_config
@@ -73,11 +73,17 @@ def reference(encoder, records):
 
 
 @pytest.mark.parametrize("spec", [_LITE0_SPEC, _IMAGENET_SPEC])
-def test_worker_uint8_path_is_bit_identical_to_encoder_transform(spec):
+def test_worker_uint8_path_is_bit_identical_to_torchvisions_float_pipeline(spec):
+    """crop in the workers + normalize on the device == torchvision's Resize, CenterCrop,
+    ToTensor, Normalize on one image, to the bit."""
+    from torchvision import transforms as T
+
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 200, 3), dtype=np.uint8))
     encoder = Encoder("x", nn.Identity(), 3, spec)
-    fast = Normalize(encoder.transform_spec())(uint8_transform(encoder.transform_spec())(image)[None])[0]
-    assert torch.equal(fast, encoder.transform(image))
+    reference = T.Compose([T.Resize(spec["resize"], interpolation=T.InterpolationMode(spec["interpolation"])),
+                           T.CenterCrop(spec["crop"]), T.ToTensor(), T.Normalize(spec["mean"], spec["std"])])
+    assert torch.equal(encoder.normalize(encoder.crop(image)[None])[0], reference(image))
+    assert torch.equal(encoder.transform(image), reference(image))
 
 
 def test_cache_is_reused_and_invalidated(tmp_path, images):
@@ -92,7 +98,7 @@ def test_cache_is_reused_and_invalidated(tmp_path, images):
     again = split_features(encoder, images, cache, "train", batch_size=4, progress=False)
     assert again.computed == 0 and encoder.net.images == 10
     assert np.array_equal(again.features, first.features)
-    assert np.array_equal(cached_features(encoder, images, cache, "train", progress=False), first.features)
+    assert np.array_equal(split_features(encoder, images, cache, "train", progress=False).features, first.features)
 
     with torch.no_grad():
         encoder.net.conv.bias.add_(1e-3)  # changed weights
@@ -190,13 +196,13 @@ def test_another_image_size_gets_its_own_cache_beside_the_standard_one(tmp_path,
     from captioner.encoders import sized_spec
 
     cache = tmp_path / "cache"
-    standard = cached_features(tiny_encoder(), images, cache, "train", progress=False)
+    standard = split_features(tiny_encoder(), images, cache, "train", progress=False).features
     torch.manual_seed(0)
     larger = Encoder("tiny", CountingNet(), 6, sized_spec(TINY_SPEC, TINY_SPEC["crop"] * 2, 1.0), standard=False)
-    resized = cached_features(larger, images, cache, "train", progress=False)
+    resized = split_features(larger, images, cache, "train", progress=False).features
     assert sorted(p.name for p in cache.glob("*.npy")) == [f"tiny_r{TINY_SPEC['crop'] * 2}c{TINY_SPEC['crop'] * 2}_train.npy",
                                                           "tiny_train.npy"]
     assert not np.array_equal(np.asarray(standard), np.asarray(resized))
     again = tiny_encoder()  # the standard cache is still there, and reused
-    np.testing.assert_array_equal(cached_features(again, images, cache, "train", progress=False), standard)
+    np.testing.assert_array_equal(split_features(again, images, cache, "train", progress=False).features, standard)
     assert again.net.batches == 0

@@ -8,10 +8,10 @@ import torch
 
 from captioner.caption import Captioner
 from captioner.checkpoint import load_checkpoint, restore_model
-from captioner.cli import Interrupted
+from captioner.runtime import Interrupted
 from captioner.evaluate import evaluate_checkpoint
-from captioner.model import ShowTell
-from captioner.train import train
+from captioner.models.show_tell import ShowTell
+from captioner.trainer import train
 from conftest import TINY, compose_config
 from test_resume import assert_same_state, rows
 from trainrun import one_thread  # noqa: F401 (fixture)
@@ -31,7 +31,7 @@ def cfg_for(root, out_dir, *overrides):
 def watch(monkeypatch, interrupt_at=None):
     """Record, at every training step, whether the loss sees trainable features, the encoder's
     stem weights and the BatchNorm modes; deliver SIGINT during step ``interrupt_at``."""
-    import captioner.train as train_module
+    import captioner.trainer as train_module
 
     built, steps = [], []
     original_build, original_loss = train_module.encoder_from_config, ShowTell.loss
@@ -40,14 +40,14 @@ def watch(monkeypatch, interrupt_at=None):
         built.append(original_build(*args, **kwargs))
         return built[-1]
 
-    def loss(self, features, tokens):
+    def loss(self, features, tokens, label_smoothing=0.0):
         encoder = built[-1]
         bn = [m.training for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         steps.append({"grad": features.requires_grad, "stem": encoder.net._conv_stem.weight.detach().clone(),
                       "encoder_training": encoder.training, "bn_training": any(bn)})
         if len(steps) == interrupt_at:
             signal.raise_signal(signal.SIGINT)
-        return original_loss(self, features, tokens)
+        return original_loss(self, features, tokens, label_smoothing)
 
     monkeypatch.setattr(train_module, "encoder_from_config", encoder_from_config)
     monkeypatch.setattr(ShowTell, "loss", loss)
@@ -88,7 +88,7 @@ def test_encoder_trains_from_step_n_with_its_own_param_group(reference):
 def test_checkpoint_encoder_is_used_by_restore_captioner_and_evaluate(reference, tmp_path, one_thread):
     path = reference["out"] / "last.pt"
     ckpt = load_checkpoint(path)
-    _, _, _, encoder = restore_model(path, with_encoder=True)
+    encoder = restore_model(path, with_encoder=True).encoder
     for name, value in encoder.state_dict().items():
         assert torch.equal(value, ckpt["encoder"][name]), name
 

@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from captioner.model import CELLS, INJECT_MODES, ShowTell
+from captioner.models.show_tell import CELLS, INJECT_MODES, ShowTell
 from captioner.vocab import BOS_ID, EOS_ID, PAD_ID
 
 V, D = 23, 10
@@ -91,16 +91,26 @@ def test_tied_embeddings_share_one_matrix_and_need_equal_sizes():
     restored = ShowTell(V, D, embed_dim=16, hidden_dim=16, tie_embeddings=True)
     restored.load_state_dict(model.state_dict())
     assert restored.output.weight is restored.embed.weight
-    with pytest.raises(ValueError, match="embed_dim == model.hidden_dim"):
-        ShowTell(V, D, embed_dim=8, hidden_dim=16, tie_embeddings=True)
+    from conftest import compose_config
+
+    from captioner.config import validate
+
+    with pytest.raises(ValueError, match=r"model.tie_embeddings=true needs model.embed_dim == model.hidden_dim"):
+        validate(compose_config("train", ["model.embed_dim=8", "model.hidden_dim=16", "model.tie_embeddings=true"]))
 
 
-def test_label_smoothing_changes_the_training_loss_only():
+def test_label_smoothing_is_the_cross_entropy_objectives_option():
+    from captioner.objectives import Batch
+    from captioner.objectives.cross_entropy import CrossEntropy
+
     torch.manual_seed(4)
-    plain = ShowTell(V, D, embed_dim=8, hidden_dim=12, dropout=0.0)
-    smooth = ShowTell(V, D, embed_dim=8, hidden_dim=12, dropout=0.0, label_smoothing=0.1)
-    smooth.load_state_dict(plain.state_dict())
+    model = ShowTell(V, D, embed_dim=8, hidden_dim=12, dropout=0.0)
     features, tokens = _batch()
-    assert not torch.allclose(plain.loss(features, tokens)[0], smooth.loss(features, tokens)[0])
-    plain.eval(), smooth.eval()  # validation loss is the plain cross-entropy
-    assert torch.allclose(plain.loss(features, tokens)[0], smooth.loss(features, tokens)[0])
+    batch = Batch(features, tokens, torch.arange(len(features)))
+    plain, smooth = CrossEntropy()(model, batch), CrossEntropy(label_smoothing=0.1)(model, batch)
+    assert plain.weight == smooth.weight == int((tokens[:, 1:] != 0).sum())
+    assert torch.allclose(plain.loss, model.loss(features, tokens)[0])
+    # smoothing adds eps * (mean over words of -log p - the target's -log p) to the plain loss
+    logits = model(features, tokens)[tokens[:, 1:] != 0]
+    uniform = -logits.log_softmax(-1).mean(-1).mean()
+    assert torch.allclose(smooth.loss, 0.9 * plain.loss + 0.1 * uniform, atol=1e-6)

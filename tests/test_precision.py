@@ -9,8 +9,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from captioner import precision as precision_module
 from captioner.engine import train_one_epoch
-from captioner.model import ShowTell
-from captioner.precision import PRECISIONS, Precision, adam_options, compile_loss
+from captioner.models.show_tell import ShowTell
+from captioner.objectives import Batch
+from captioner.optim import adam_options
+from captioner.precision import PRECISIONS, Precision, compile_loss
 from captioner.vocab import BOS_ID, EOS_ID, PAD_ID
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -40,7 +42,8 @@ def _train(precision: str, cell="lstm", steps=5, compiled=False, adam=None):
         compile_loss(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, **(adam_options("cpu") if adam is None else adam))
     amp = Precision(precision, "cpu")
-    batch = _batch()
+    features, tokens = _batch()
+    batch = Batch(features, tokens, torch.arange(len(features)))
     losses = [train_one_epoch(model, optimizer, None, [batch], "cpu", grad_clip=1.0, precision=amp)[0]
               for _ in range(steps)]
     return losses, model, amp
@@ -54,8 +57,12 @@ def _assert_close_to_fp32(losses, reference):
 
 
 def test_unknown_precision_is_one_clear_error():
+    from conftest import compose_config
+
+    from captioner.config import validate
+
     with pytest.raises(ValueError, match="train.precision='half': choose one of fp32, bf16, fp16"):
-        Precision("half", "cpu")
+        validate(compose_config("train", ["train.precision=half"]))
 
 
 # oneDNN's bfloat16 LSTM needs AVX-512: x86 CPUs with AVX2 only refuse bf16 up front
@@ -102,7 +109,7 @@ def test_fp16_loss_scaling_path(monkeypatch):
 
 @needs_cpu_bf16
 def test_every_inject_and_cell_runs_under_bf16():
-    from captioner.model import CELLS, INJECT_MODES
+    from captioner.models.show_tell import CELLS, INJECT_MODES
 
     features, tokens = _batch()
     for inject in INJECT_MODES:
@@ -178,7 +185,7 @@ def test_bench_train_smoke():
 def test_train_entry_point_takes_the_options(tiny_cfg):
     """train.precision reaches the step through captioner.train (bf16 on CPU where the CPU has a
     bfloat16 LSTM, refused at start-up where it has not), and a bad value fails with one clear error."""
-    from captioner.train import train
+    from captioner.trainer import train
 
     if CPU_BF16:
         final = train(tiny_cfg("train.precision=bf16", "train.epochs=1", "train.max_steps=2", "train.plot=false"))
@@ -193,7 +200,7 @@ def test_train_entry_point_takes_the_options(tiny_cfg):
 def test_an_unsupported_precision_fails_before_the_data_is_read(tiny_cfg, tmp_path, monkeypatch):
     """A precision this machine cannot run is refused at start-up, not after minutes of feature
     extraction: here the data folder does not even exist, and the precision is what is named."""
-    from captioner.train import train
+    from captioner.trainer import train
 
     monkeypatch.setattr(precision_module, "_autocast_works", lambda *args: False)
     with pytest.raises(ValueError, match="train.precision=bf16 is not supported"):

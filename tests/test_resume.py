@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from captioner.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from captioner.cli import Interrupted
-from captioner.model import ShowTell
-from captioner.train import train
+from captioner.runtime import Interrupted
+from captioner.models.show_tell import ShowTell
+from captioner.trainer import train
 from conftest import TINY, compose_config
 from trainrun import load, one_thread, run, start, wait_for_step  # noqa: F401 (fixture)
 
@@ -48,11 +48,11 @@ def interrupt_at(monkeypatch, step: int, signum=signal.SIGINT):
     """Deliver ``signum`` to this process during training step ``step`` (1-based)."""
     original, calls = ShowTell.loss, {"n": 0}
 
-    def loss(self, features, tokens):
+    def loss(self, features, tokens, label_smoothing=0.0):
         calls["n"] += 1
         if calls["n"] == step:
             signal.raise_signal(signum)
-        return original(self, features, tokens)
+        return original(self, features, tokens, label_smoothing)
 
     monkeypatch.setattr(ShowTell, "loss", loss)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from captioner.checkpoint import CheckpointError, load_checkpoint, restore_model, save_checkpoint
-from captioner.train import train
+from captioner.trainer import train
 from conftest import TINY, compose_config
 from trainrun import assert_one_line_error, one_thread, run  # noqa: F401 (fixture)
 

@@ -5,8 +5,8 @@ import torch
 from omegaconf import OmegaConf
 
 from captioner.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from captioner.model import build_model
-from captioner.train import train
+from captioner.models import build_model
+from captioner.trainer import train
 from captioner.vocab import Vocabulary
 
 

@@ -5,7 +5,10 @@ plain structure, so the rest of the pipeline never branches on where the data ca
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+
+log = logging.getLogger("captioner.datasets")
 
 
 @dataclass
@@ -53,3 +56,26 @@ def load_records(data_cfg) -> dict[str, list[ImageRecord]]:
 
         return load_coco_format(under_root(data_cfg.annotations), under_root(data_cfg.image_dir or "."))
     raise ValueError(f"data.name={data_cfg.name!r}: choose shapes, flickr8k, coco_karpathy, coco_captions or coco_format")
+
+
+def drop_empty_captions(records: dict[str, list[ImageRecord]]) -> dict[str, list[ImageRecord]]:
+    """Captions with no words (empty, blank, punctuation only) are dropped, counted in a warning;
+    so are images left with none (nothing to learn from or score against)."""
+    from captioner.tokenizer import tokenize
+
+    cleaned = {}
+    for split, recs in records.items():
+        kept, empty, bare = [], 0, []
+        for r in recs:
+            captions = [c for c in r.captions if isinstance(c, str) and tokenize(c)]
+            empty += len(r.captions) - len(captions)
+            if captions:
+                kept.append(r if len(captions) == len(r.captions) else ImageRecord(r.image_id, r.path, captions))
+            else:
+                bare.append(r.path)
+        if empty:
+            log.warning("split %s: skipped %d empty caption(s)%s", split, empty,
+                        f"; {len(bare)} image(s) had no other caption and are skipped too (e.g. {bare[0]})"
+                        if bare else "")
+        cleaned[split] = kept
+    return cleaned

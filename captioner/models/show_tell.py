@@ -14,14 +14,38 @@ Decoding code talks to the model through ``init_state`` / ``step`` / ``reorder_s
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from captioner.config import ModelConfig, at_least, between, choice
+from captioner.models import MODELS
+from captioner.vocab import PAD_ID
+
 INJECT_MODES = ("first_input", "init_state", "first_step_bias", "every_step")
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
+@dataclass
+class ShowTellConfig(ModelConfig):
+    name: str = "show_tell"
+    inject: str = choice("first_input", INJECT_MODES)
+    cell: str = choice("lstm", tuple(CELLS))
+    num_layers: int = at_least(1, 1)
+    embed_dim: int = at_least(256, 1)
+    hidden_dim: int = at_least(512, 1)
+    dropout: float = between(0.5, 0.0, 1.0)
+    tie_embeddings: bool = False  # output layer shares the word embedding (needs embed_dim == hidden_dim)
+
+    @staticmethod
+    def check(node) -> Optional[str]:
+        if node.tie_embeddings and node.embed_dim != node.hidden_dim:
+            return (f"tie_embeddings=true needs model.embed_dim == model.hidden_dim "
+                    f"(got {node.embed_dim} and {node.hidden_dim})")
+        return None
 
 
 class DecoderState(NamedTuple):
@@ -34,6 +58,7 @@ class DecoderState(NamedTuple):
     image: Optional[torch.Tensor] = None
 
 
+@MODELS.register("show_tell", ShowTellConfig)
 class ShowTell(nn.Module):
     def __init__(
         self,
@@ -45,21 +70,13 @@ class ShowTell(nn.Module):
         dropout: float = 0.5,
         cell: str = "lstm",
         inject: str = "first_input",
-        pad_id: int = 0,
+        pad_id: int = PAD_ID,
         tie_embeddings: bool = False,
-        label_smoothing: float = 0.0,
     ):
         super().__init__()
-        if inject not in INJECT_MODES:
-            raise ValueError(f"model.inject={inject!r}: choose one of {', '.join(INJECT_MODES)}")
-        if cell not in CELLS:
-            raise ValueError(f"model.cell={cell!r}: choose one of {', '.join(CELLS)}")
         self.vocab_size, self.feature_dim = vocab_size, feature_dim
         self.inject, self.cell, self.num_layers, self.hidden_dim = inject, cell, num_layers, hidden_dim
-        self.pad_id, self.label_smoothing = pad_id, label_smoothing
-        if tie_embeddings and embed_dim != hidden_dim:
-            raise ValueError(f"model.tie_embeddings needs model.embed_dim == model.hidden_dim "
-                             f"(got {embed_dim} and {hidden_dim})")
+        self.pad_id = pad_id
 
         if inject == "init_state":
             # one projection per layer for h, and another for c when the cell has one
@@ -119,7 +136,8 @@ class ShowTell(nn.Module):
         """Logits [B, T-1, V] predicting tokens[:, 1:] from tokens[:, :-1]."""
         return self.output(self.hidden_states(features, tokens[:, :-1]))
 
-    def loss(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def loss(self, features: torch.Tensor, tokens: torch.Tensor,
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
         """Mean cross-entropy over real target tokens, and their count.
 
         The real positions are gathered first, so dropout, the output layer (the largest matmul
@@ -134,7 +152,7 @@ class ShowTell(nn.Module):
         mask = targets != self.pad_id
         real = targets[mask]
         logits = self.output(self.dropout(out[mask]))
-        loss = F.cross_entropy(logits, real, label_smoothing=self.label_smoothing if self.training else 0.0)
+        loss = F.cross_entropy(logits, real, label_smoothing=label_smoothing)
         return loss, real.numel()  # (numel: no extra reduction or sync)
 
     # -- one step at a time, for decoding ------------------------------------------------
@@ -162,19 +180,8 @@ class ShowTell(nn.Module):
 
         return generate(self, features, method=method, **options)
 
-
-def build_model(model_cfg, vocab_size: int, feature_dim: int, pad_id: int = 0) -> ShowTell:
-    return ShowTell(
-        vocab_size=vocab_size,
-        feature_dim=feature_dim,
-        embed_dim=model_cfg.embed_dim,
-        hidden_dim=model_cfg.hidden_dim,
-        num_layers=model_cfg.num_layers,
-        dropout=model_cfg.dropout,
-        cell=model_cfg.cell,
-        inject=model_cfg.inject,
-        pad_id=pad_id,
-        # .get: checkpoints written before these options existed
-        tie_embeddings=model_cfg.get("tie_embeddings", False),
-        label_smoothing=model_cfg.get("label_smoothing", 0.0),
-    )
+    @classmethod
+    def from_config(cls, cfg, vocab_size: int, feature_dim: int) -> "ShowTell":
+        return cls(vocab_size=vocab_size, feature_dim=feature_dim, embed_dim=cfg.embed_dim, hidden_dim=cfg.hidden_dim,
+                   num_layers=cfg.num_layers, dropout=cfg.dropout, cell=cfg.cell, inject=cfg.inject,
+                   tie_embeddings=cfg.get("tie_embeddings", False))  # .get: checkpoints from before the option

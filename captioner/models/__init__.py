@@ -1,0 +1,23 @@
+"""Decoders behind one registry keyed by ``model.name``.
+
+Each module of this package defines one decoder class, decorated with
+``@MODELS.register(name, Schema)`` where ``Schema`` is its config dataclass (a subclass of
+``captioner.config.ModelConfig``); ``conf/model/<name>.yaml`` selects it. Every decoder speaks
+the one-step decoding protocol (``init_state`` / ``step`` / ``reorder_state``), has
+``loss(features, tokens, label_smoothing)`` for teacher forcing and ``from_config(cfg,
+vocab_size, feature_dim)``, so decoding, objectives, ensembles and checkpoints work for each
+unchanged. Adding a model is one module here plus its config file.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from captioner.registry import Registry
+
+MODELS = Registry("model", __name__)
+
+
+def build_model(model_cfg, vocab_size: int, feature_dim: int) -> nn.Module:
+    """The decoder a ``model`` config node describes."""
+    name = model_cfg.get("name") or "show_tell"  # checkpoints written before model.name existed
+    return MODELS.get(name).from_config(model_cfg, vocab_size, feature_dim)
