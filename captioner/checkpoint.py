@@ -11,11 +11,14 @@ smoothing moved from ``model`` to ``objective``). Older files are read as the cu
 from __future__ import annotations
 
 import copy
+import errno
 import logging
 import math
+import os
 import pickle
 import random
 import re
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,26 +40,17 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically: on any failure (a full disk) the previous file stays."""
-    with atomic_path(path) as tmp:
+    """Write ``state`` to ``path`` atomically: on any failure (a full disk) the previous file stays
+    and the error is one ``WriteError`` naming the file and the reason."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         try:
-            torch.save(state, tmp)
-        except RuntimeError as err:  # torch's zip writer reports a failed write(2) as RuntimeError
-            raise WriteError(path, _write_failure(tmp, err)) from None
-
-
-def _write_failure(tmp: str, err: RuntimeError) -> str:
-    """The reason a checkpoint write failed, as the file system would say it."""
-    import errno
-    import os
-    import shutil
-
-    try:
-        if shutil.disk_usage(Path(tmp).parent).free < 1 << 20:  # the zip writer does not keep errno
-            return os.strerror(errno.ENOSPC)
-    except OSError:
-        pass
-    return str(err).splitlines()[0]
+            torch.save(state, f)
+        except RuntimeError as err:  # its zip writer reports a short write as "unexpected pos ..."
+            f.flush()  # a full disk shows here as the OSError it is (atomic_path says so)
+            os.fsync(f.fileno())
+            reason = os.strerror(errno.ENOSPC) if shutil.disk_usage(Path(tmp).parent).free == 0 else \
+                str(err).splitlines()[0]
+            raise WriteError(path, reason) from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

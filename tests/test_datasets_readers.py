@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -154,15 +155,85 @@ def test_coco_karpathy_skips_missing_images(coco: Path, caplog: pytest.LogCaptur
     assert "1 image file(s)" in caplog.text and "000000000006" in caplog.text
 
 
-def test_coco_format_one_split_quietly(coco: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = load_coco_format(str(coco / "annotations" / "captions_val2014.json"), str(coco / "val2014"), split="val")
+def test_coco_format_all_test_split_quietly(coco: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    val2014 = coco / "val2014"
+    split_file = _write(coco / "all_test.txt", "".join(f"{p.name} test\n" for p in sorted(val2014.iterdir())))
+    data = load_coco_format(str(coco / "annotations" / "captions_val2014.json"), str(val2014),
+                            split_file=str(split_file))
     assert capsys.readouterr().out == ""  # pycocotools' progress lines are swallowed
-    assert data["train"] == [] and data["test"] == []
-    assert _ids(data["val"]) == [3, 4, 5, 6, 7]
-    assert data["val"][0].captions == ["c31", "c30"]
-    assert data["val"][0].path == str(coco / "val2014" / "COCO_val2014_000000000003.jpg")
-    with pytest.raises(ValueError, match="split must be one of"):
-        load_coco_format(str(coco / "annotations" / "captions_val2014.json"), str(coco / "val2014"), split="dev")
+    assert data["train"] == [] and data["val"] == []
+    assert _ids(data["test"]) == [3, 4, 5, 6, 7]
+    assert data["test"][0].captions == ["c31", "c30"]
+    assert data["test"][0].path == str(val2014 / "COCO_val2014_000000000003.jpg")
+
+
+@pytest.fixture
+def coco_format(tmp_path: Path) -> Path:
+    """A COCO-format set of 20 images, ids 1..20, listed in the captions file in reverse."""
+    names = {i: f"img {i:02d}.png" for i in range(20, 0, -1)}  # a space, for the text split file
+    _images(tmp_path / "images", *names.values())
+    _write(tmp_path / "captions.json", {
+        "images": [{"id": i, "file_name": name} for i, name in names.items()],
+        "annotations": [{"id": i, "image_id": i, "caption": f"picture {i}"} for i in names]})
+    return tmp_path
+
+
+def _load_coco_format(folder: Path, **kwargs) -> dict[str, list[ImageRecord]]:
+    return load_coco_format(str(folder / "captions.json"), str(folder / "images"), **kwargs)
+
+
+def test_coco_format_holdout_is_deterministic_and_disjoint(coco_format: Path) -> None:
+    data = _load_coco_format(coco_format, holdout=0.2, seed=3)
+    assert {k: len(v) for k, v in data.items()} == {"train": 12, "val": 4, "test": 4}
+    splits = [set(_ids(v)) for v in data.values()]
+    assert set.union(*splits) == set(range(1, 21)) and sum(map(len, splits)) == 20
+    assert all(_ids(v) == sorted(_ids(v)) for v in data.values())
+    assert _load_coco_format(coco_format, holdout=0.2, seed=3) == data
+    assert _load_coco_format(coco_format, holdout=0.2, seed=4) != data
+    tiny = _load_coco_format(coco_format, holdout=0.01)
+    assert {k: len(v) for k, v in tiny.items()} == {"train": 18, "val": 1, "test": 1}
+
+
+def test_coco_format_holdout_zero_needs_split_file(coco_format: Path) -> None:
+    one_line = r"^holdout=0 without a split file.*set data\.holdout > 0 or data\.split_file$"
+    with pytest.raises(ValueError, match=one_line):
+        _load_coco_format(coco_format, holdout=0.0)
+
+
+def test_coco_format_text_split_file(coco_format: Path, caplog: pytest.LogCaptureFixture) -> None:
+    lines = ["img 03.png  val", "", "img 01.png train", "  img 02.png train  ", "img 04.png test"]
+    split_file = _write(coco_format / "splits.txt", "\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING):
+        data = _load_coco_format(coco_format, split_file=str(split_file), holdout=0.0)
+    assert {k: _ids(v) for k, v in data.items()} == {"train": [1, 2], "val": [3], "test": [4]}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "16 captioned image(s) not named in" in warnings[0]
+
+
+def test_coco_format_karpathy_split_file(coco_format: Path) -> None:
+    splits = {1: "train", 2: "restval", 3: "val", 4: "test", 5: "test"}
+    split_file = _write(coco_format / "dataset.json", {"images": [
+        {"filepath": "ignored", "filename": f"img {i:02d}.png", "split": s} for i, s in splits.items()]})
+    data = _load_coco_format(coco_format, split_file=str(split_file))
+    assert {k: _ids(v) for k, v in data.items()} == {"train": [1, 2], "val": [3], "test": [4, 5]}
+
+
+def test_coco_format_bad_split_files_name_the_file(coco_format: Path) -> None:
+    text = _write(coco_format / "splits.txt", "img 01.png train\nimg 02.png dev\n")
+    unknown = "unknown split 'dev'; expected train/val/test"
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(text))}:2: {unknown}$"):
+        _load_coco_format(coco_format, split_file=str(text))
+    karpathy = _write(coco_format / "dataset.json", {"images": [{"filename": "img 01.png", "split": "dev"}]})
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(karpathy))}: {unknown}/restval$"):
+        _load_coco_format(coco_format, split_file=str(karpathy))
+    with pytest.raises(ValueError, match=r"broken\.json: not a Karpathy"):
+        _load_coco_format(coco_format, split_file=str(_write(coco_format / "broken.json", "{not json")))
+    absent = coco_format / "absent.txt"
+    with pytest.raises(FileNotFoundError, match=rf"^split file {re.escape(str(absent))} not found"):
+        _load_coco_format(coco_format, split_file=str(absent))
+    twice = _write(coco_format / "twice.txt", "img 01.png train\nimg 01.png test\n")
+    with pytest.raises(ValueError, match=r"twice\.txt: img 01\.png is listed under both train and test"):
+        _load_coco_format(coco_format, split_file=str(twice))
 
 
 def test_coco_format_rejects_non_caption_files(tmp_path: Path) -> None:

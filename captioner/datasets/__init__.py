@@ -54,7 +54,9 @@ def load_records(data_cfg) -> dict[str, list[ImageRecord]]:
     if data_cfg.name == "coco_format":
         from captioner.datasets.coco import load_coco_format
 
-        return load_coco_format(under_root(data_cfg.annotations), under_root(data_cfg.image_dir or "."))
+        return load_coco_format(under_root(data_cfg.annotations), under_root(data_cfg.image_dir or "."),
+                                split_file=under_root(data_cfg.split_file), holdout=data_cfg.holdout,
+                                seed=data_cfg.seed)
     raise ValueError(f"data.name={data_cfg.name!r}: choose shapes, flickr8k, coco_karpathy, coco_captions or coco_format")
 
 

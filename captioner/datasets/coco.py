@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import logging
+import random
 from collections import defaultdict
 from pathlib import Path
 
@@ -74,13 +75,91 @@ def load_coco_captions(annotation_files: list[str], image_roots: list[str], spli
     return _drop_missing(splits, split_file)
 
 
-def load_coco_format(captions_json: str, image_root: str, split: str = "test") -> dict[str, list[ImageRecord]]:
-    """Any COCO-format captions JSON + image folder as one split (the other two are empty)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    splits: dict[str, list[ImageRecord]] = {s: [] for s in SPLITS}
-    splits[split] = _read_coco(captions_json, image_root)
+def load_coco_format(captions_json: str, image_root: str, split_file: str | None = None,
+                     holdout: float = 0.1, seed: int = 0) -> dict[str, list[ImageRecord]]:
+    """Any COCO-format captions JSON + image folder, split by ``split_file`` or else by ``holdout``.
+
+    ``split_file`` names each image by its ``file_name`` in the captions file (relative to
+    ``image_root``) and gives its split: a ``*.json`` file is Karpathy-style (``{"images":
+    [{"filename": ..., "split": ...}]}``, restval joining train; ``filepath`` is ignored because
+    ``image_root`` already is the image folder), anything else is text with one ``file_name split``
+    line per image (split train/val/test). Images it does not name are dropped with one warning.
+    Without it, a permutation of the images (sorted by id) seeded with ``seed`` holds out
+    ``round(holdout * n)`` of them, at least one, for val and as many again for test; the rest
+    train. Either way each split keeps image-id order.
+    """
+    if split_file is None and holdout <= 0:
+        raise ValueError("holdout=0 without a split file puts every image in train, leaving nothing to "
+                         "validate on; set data.holdout > 0 or data.split_file")
+    records = _read_coco(captions_json, image_root)
+    # Splits are drawn before missing files are dropped, so a missing image never moves the others.
+    if split_file is None:
+        splits = _hold_out(records, holdout, seed)
+    else:
+        splits = _split_by_file(records, _read_split_file(split_file, image_root), split_file)
     return _drop_missing(splits, captions_json)
+
+
+def _hold_out(records: list[ImageRecord], fraction: float, seed: int) -> dict[str, list[ImageRecord]]:
+    n_held = max(1, round(fraction * len(records)))
+    order = random.Random(seed).sample(range(len(records)), len(records))
+    split_of = {i: "val" for i in order[:n_held]} | {i: "test" for i in order[n_held:2 * n_held]}
+    splits: dict[str, list[ImageRecord]] = {s: [] for s in SPLITS}
+    for i, record in enumerate(records):
+        splits[split_of.get(i, "train")].append(record)
+    return splits
+
+
+def _split_by_file(records: list[ImageRecord], split_of: dict[str, str],
+                   split_file: str) -> dict[str, list[ImageRecord]]:
+    splits: dict[str, list[ImageRecord]] = {s: [] for s in SPLITS}
+    unlisted = []
+    for record in records:
+        if record.path in split_of:
+            splits[split_of[record.path]].append(record)
+        else:
+            unlisted.append(record.path)
+    if unlisted:
+        log.warning("COCO: %d captioned image(s) not named in %s, skipped: %s%s", len(unlisted), split_file,
+                    ", ".join(unlisted[:3]), " ..." if len(unlisted) > 3 else "")
+    return splits
+
+
+def _read_split_file(split_file: str, image_root: str) -> dict[str, str]:
+    """``split_file`` as {image path: split}, the paths built as :func:`_read_coco` builds them."""
+    root = _existing_dir(image_root, "image folder")
+    if Path(split_file).suffix.lower() == ".json":
+        try:
+            named = [(e["filename"], _karpathy_split(e["split"], True, split_file))
+                     for e in _read_karpathy(split_file)]
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{split_file}: Karpathy-style images need 'filename' and 'split': {err!r}") from None
+    else:
+        named = _read_split_lines(split_file)
+    split_of: dict[str, str] = {}
+    for name, split in named:
+        path = str(root / name)
+        if split_of.setdefault(path, split) != split:
+            raise ValueError(f"{split_file}: {name} is listed under both {split_of[path]} and {split}")
+    return split_of
+
+
+def _read_split_lines(split_file: str) -> list[tuple[str, str]]:
+    try:
+        text = _existing_file(split_file, "split file").read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{split_file}: not a text file of 'file_name split' lines: {err}") from None
+    named = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.strip().rsplit(maxsplit=1)  # from the right: file names may contain spaces
+        if len(fields) != 2:
+            raise ValueError(f"{split_file}:{lineno}: expected 'file_name split', got {line.strip()!r}")
+        if fields[1] not in SPLITS:
+            raise ValueError(f"{split_file}:{lineno}: unknown split {fields[1]!r}; expected train/val/test")
+        named.append((fields[0], fields[1]))
+    return named
 
 
 def _read_coco(annotation_file: str, image_root: str) -> list[ImageRecord]:
