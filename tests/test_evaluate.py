@@ -71,8 +71,15 @@ def test_evaluates_a_checkpoint_and_writes_results(tiny_cfg, tmp_path):
                                      "decode.beam_size=2", "metrics=[bleu,rouge,cider]", "tokenizer=python",
                                      "progress=false"])
     scores = run(ev)
-    assert 0.0 <= scores["Bleu_4"] <= 1.0 and scores["CIDEr"] >= 0.0
     results = json.loads((tmp_path / "run" / "results_test_beam.json").read_text())
     assert len(results) == cfg.data.num_test and {"image_id", "caption"} <= set(results[0])
+    # the scores are those of the captions written, against the test split's references
+    from captioner.datasets import load_records
+    from captioner.metrics import score_captions
+
+    references = {r.image_id: r.captions for r in load_records(cfg.data)["test"]}
+    again = score_captions(references, {r["image_id"]: r["caption"] for r in results},
+                           metrics=("bleu", "rouge", "cider"), tokenizer="python")
+    assert {k: scores[k] for k in ("Bleu_4", "ROUGE_L", "CIDEr")} == {k: again[k] for k in ("Bleu_4", "ROUGE_L", "CIDEr")}
     report = json.loads((tmp_path / "run" / "metrics_test_beam.json").read_text())
     assert report["scale"] == "0-1" and report["scores"]["Bleu_4"] == scores["Bleu_4"]

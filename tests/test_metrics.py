@@ -3,7 +3,6 @@ import json
 import math
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -31,8 +30,14 @@ def test_without_java_meteor_is_none_and_the_rest_computes(monkeypatch):
 
 
 @needs_java
-def test_auto_uses_java_and_agrees_with_python():
+def test_auto_uses_java_and_agrees_with_python(monkeypatch):
+    java_calls = []
+    java_tokenize = metrics._java_tokenize_lines
+    monkeypatch.setattr(metrics, "_java_tokenize_lines", lambda lines: java_calls.append(len(lines)) or
+                        java_tokenize(lines))
     auto = score_captions(REFS, CANDS, metrics=("bleu", "rouge", "cider"))
+    assert java_calls, "tokenizer=auto did not run the Java tokenizer although Java is installed"
+    monkeypatch.setattr(metrics, "_java_tokenize_lines", lambda lines: pytest.fail("python must not use Java"))
     python = score_captions(REFS, CANDS, metrics=("bleu", "rouge", "cider"), tokenizer="python")
     assert auto == python
 
