@@ -86,9 +86,10 @@ def problems(node: Any, prefix: str = "") -> Iterator[str]:
             yield from problems(child, f"{prefix}{key}.")
 
 
-def validate(cfg: Any) -> None:
-    """ValueError with the first broken rule (one line naming the key), before any work is done."""
-    for problem in problems(cfg):
+def validate(cfg: Any, prefix: str = "") -> None:
+    """ValueError with the first broken rule (one line naming the key, under ``prefix``), before
+    any work is done."""
+    for problem in problems(cfg, prefix):
         raise ValueError(problem)
 
 
@@ -283,20 +284,8 @@ def decode_config(decode: Any = None, **overrides) -> DictConfig:
     if unknown:
         raise TypeError(f"unknown decode option(s): {', '.join(sorted(unknown))}")
     cfg = OmegaConf.merge(OmegaConf.structured(DecodeConfig), decode if decode is not None else {}, overrides)
-    validate(cfg_with("decode", cfg))
+    validate(cfg, prefix="decode.")
     return cfg
-
-
-def cfg_with(key: str, node: DictConfig) -> DictConfig:
-    """``node`` under ``key`` (so validation messages say ``decode.beam_size``, not ``beam_size``)."""
-    parent = OmegaConf.create({})
-    parent[key] = node
-    return parent
-
-
-def to_plain(cfg: Any) -> dict:
-    """The config as plain data (dicts, lists, scalars) for checkpoints and logs."""
-    return OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
 
 
 def run_dir(out_dir: Optional[str], resume: Optional[str]) -> Optional[str]:

@@ -11,9 +11,8 @@ How the pieces fit, so that N processes compute what one process would:
   (``shard_batches``), so nothing about the order depends on the number of processes.
 - The loss is a mean over real tokens (the objective's weight) and shards hold different numbers
   of tokens, so ``DataParallelObjective.compute`` weights each rank's mean by its share of the
-  global weight
-  (one tiny all-reduce); DDP's gradient average is then exactly the gradient of the global
-  batch's per-token mean, the same as a single process (to rounding).
+  global weight (one tiny all-reduce); DDP's gradient average is then exactly the gradient of
+  the global batch's per-token mean, the same as a single process (to rounding).
 - Validation decodes a slice of the images per rank and gathers the captions; every rank scores
   the whole split, so all ranks agree on the metric and on "best".
 - Only rank 0 writes files (checkpoints, metrics, plots, vocabulary). Data preparation and the

@@ -39,7 +39,7 @@ def checkpoint_split(checkpoint: str, split: str, data_cfg=None, device: str | t
     ``data_cfg`` None means the data set the checkpoint was trained on.
     """
     from captioner.datasets import load_records
-    from captioner.features import compute_features, feature_cache_dir, split_features
+    from captioner.features import compute_features, extraction_options, feature_cache_dir, split_features
 
     device = resolve_device(device)
     model, vocab, ckpt_cfg, encoder, finetuned = restore_model(checkpoint, device, with_encoder=True)  # (Restored)
@@ -49,10 +49,10 @@ def checkpoint_split(checkpoint: str, split: str, data_cfg=None, device: str | t
         raise ValueError(f"split={split!r}: data set {data_cfg.name!r} has no images in that split")
     enc = ckpt_cfg.encoder
     if finetuned:
-        features = compute_features(encoder, records, enc.cache_dtype, enc.batch_size, enc.num_workers, device)
+        features = compute_features(encoder, records, device=device, **extraction_options(enc))
     else:
-        features = split_features(encoder, records, feature_cache_dir(data_cfg, enc), split, dtype=enc.cache_dtype,
-                                  batch_size=enc.batch_size, num_workers=enc.num_workers, device=device,
+        features = split_features(encoder, records, feature_cache_dir(data_cfg, enc), split, device=device,
+                                  **extraction_options(enc),
                                   progress=progress).features
     return model, vocab, ckpt_cfg, records, features
 

@@ -14,7 +14,7 @@ from captioner.cli import command
 from captioner.config import validate
 from captioner.datasets import load_records
 from captioner.encoders import encoder_from_config
-from captioner.features import SplitFeatures, all_split_features, feature_cache_dir
+from captioner.features import SplitFeatures, all_split_features, extraction_options, feature_cache_dir
 from captioner.runtime import resolve_device, seed_everything
 
 log = logging.getLogger("captioner.extract")
@@ -27,8 +27,7 @@ def extract(cfg: DictConfig) -> dict[str, SplitFeatures]:
     records = load_records(cfg.data)
     encoder = encoder_from_config(cfg.encoder)
     results = all_split_features(
-        encoder, records, feature_cache_dir(cfg.data, cfg.encoder), dtype=cfg.encoder.cache_dtype,
-        batch_size=cfg.encoder.batch_size, num_workers=cfg.encoder.num_workers, device=device,
+        encoder, records, feature_cache_dir(cfg.data, cfg.encoder), device=device, **extraction_options(cfg.encoder),
         progress=cfg.train.progress, on_bad_image=cfg.data.on_bad_image)
     for split, r in results.items():
         done = f"computed {r.computed} in {r.seconds:.1f}s, {r.images_per_s:.1f} images/s" if r.computed else "cached"

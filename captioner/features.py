@@ -36,6 +36,13 @@ FORMAT_VERSION = 1  # bump when the cache layout or the extraction changes, to r
 SAVE_EVERY_S = 10.0  # how often an extraction records its progress for resuming
 
 
+def extraction_options(encoder_cfg) -> dict:
+    """The ``encoder`` config's extraction settings, as keywords of ``split_features`` and
+    ``compute_features``."""
+    return {"dtype": encoder_cfg.cache_dtype, "batch_size": encoder_cfg.batch_size,
+            "num_workers": encoder_cfg.num_workers}
+
+
 def feature_cache_dir(data_cfg, encoder_cfg) -> Path:
     """``encoder.cache_dir``, or ``<data.root>/features``."""
     return Path(encoder_cfg.cache_dir or Path(data_cfg.root) / "features")
@@ -304,7 +311,7 @@ def all_split_features(encoder, records: dict[str, Sequence[ImageRecord]], cache
             for split, recs in records.items() if recs}
 
 
-def compute_features(encoder, records: Sequence[ImageRecord], dtype: str = "float16", batch_size: int = 32,
+def compute_features(encoder, records: Sequence[ImageRecord], *, dtype: str = "float16", batch_size: int = 32,
                      num_workers: int = 0, device: str | torch.device = "cpu") -> np.ndarray:
     """Features [len(records), D] computed now, in memory, not cached: for an encoder whose weights
     change (fine-tuning) or were fine-tuned (a checkpoint's own encoder), which a cache keyed by the

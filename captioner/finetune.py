@@ -45,7 +45,6 @@ class EncoderFineTuning:
 
     def features(self, records) -> np.ndarray:
         """Features of ``records`` from the encoder as it is now (the cache describes the original)."""
-        from captioner.features import compute_features
+        from captioner.features import compute_features, extraction_options
 
-        return compute_features(self.encoder, records, self.cfg.cache_dtype, self.cfg.batch_size,
-                                self.cfg.num_workers, self.device)
+        return compute_features(self.encoder, records, device=self.device, **extraction_options(self.cfg))

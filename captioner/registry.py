@@ -20,7 +20,6 @@ class Registry:
 
     def register(self, name: str, schema: type) -> Callable[[type], type]:
         def add(cls: type) -> type:
-            cls.registered_name = name
             self._classes[name], self._schemas[name] = cls, schema
             return cls
 

@@ -28,7 +28,7 @@ from captioner.datasets import drop_empty_captions, load_records
 from captioner.ema import WeightAverage
 from captioner.encoders import encoder_from_config
 from captioner.engine import CaptionBatches, evaluate, train_one_epoch
-from captioner.features import all_split_features, feature_cache_dir
+from captioner.features import all_split_features, extraction_options, feature_cache_dir
 from captioner.finetune import EncoderFineTuning
 from captioner.history import plot_history, write_metrics
 from captioner.models import build_model
@@ -148,8 +148,7 @@ def prepare(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, out_di
         encoder = encoder_from_config(cfg.encoder)
         # data.on_bad_image=skip drops unreadable images from the records as well as the features
         computed = all_split_features(encoder, records, feature_cache_dir(cfg.data, cfg.encoder),
-                                      dtype=cfg.encoder.cache_dtype, batch_size=cfg.encoder.batch_size,
-                                      num_workers=cfg.encoder.num_workers, device=device,
+                                      device=device, **extraction_options(cfg.encoder),
                                       progress=cfg.train.progress and ctx.local_rank == 0,
                                       on_bad_image=cfg.data.on_bad_image)
     features = {split: f.features for split, f in computed.items()}
