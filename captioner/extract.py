@@ -24,8 +24,8 @@ def extract(cfg: DictConfig) -> dict[str, SplitFeatures]:
     validate(cfg)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)  # as train does: random (pretrained=false) weights then match its cache
+    encoder = encoder_from_config(cfg.encoder)  # (first: weights that cannot be had fail before the data work)
     records = load_records(cfg.data)
-    encoder = encoder_from_config(cfg.encoder)
     results = all_split_features(
         encoder, records, feature_cache_dir(cfg.data, cfg.encoder), device=device, **extraction_options(cfg.encoder),
         progress=cfg.train.progress, on_bad_image=cfg.data.on_bad_image)

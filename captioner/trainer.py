@@ -142,10 +142,10 @@ def prepare(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, out_di
     log.info("device %s%s, outputs in %s", device, f" x {ctx.world_size} processes" if ctx.enabled else "", out_dir)
 
     with ctx.local_first():  # local rank 0 generates/reads the data set and builds the cache first
+        encoder = encoder_from_config(cfg.encoder)  # (first: weights that cannot be had fail before the data work)
         records = drop_empty_captions(load_records(cfg.data))
         if not records.get("train"):
             raise ValueError(f"data.name={cfg.data.name}: the training split has no captioned images")
-        encoder = encoder_from_config(cfg.encoder)
         # data.on_bad_image=skip drops unreadable images from the records as well as the features
         computed = all_split_features(encoder, records, feature_cache_dir(cfg.data, cfg.encoder),
                                       device=device, **extraction_options(cfg.encoder),
