@@ -113,6 +113,7 @@ class TrainState:
     loss_sum: float = 0.0  # that epoch's sum of loss x weight so far
     weight: int = 0  # and its weight (tokens, for cross-entropy)
     seconds: float = 0.0  # and its time so far
+    figure_sums: dict = field(default_factory=dict)  # and its objective's figures x weight (SCST's reward, ...)
     best: float = -math.inf  # best value of train.monitor
     history: list = field(default_factory=list)  # one row per completed epoch, as in metrics.jsonl
 
@@ -122,6 +123,7 @@ class TrainState:
         self.best = max(self.best, value)
         self.history.append(row)
         self.epoch, self.batch, self.loss_sum, self.weight, self.seconds = self.epoch + 1, 0, 0.0, 0, 0.0
+        self.figure_sums = {}
         return improved
 
 
@@ -133,7 +135,8 @@ def training_checkpoint(*, config: dict, vocab, feature_dim: int, state: TrainSt
             "model": (average.model if average is not None else model).state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": precision.state_dict(),
             "step": state.step, "epoch": state.epoch, "batch": state.batch,
-            "epoch_loss": {"sum": state.loss_sum, "tokens": state.weight, "seconds": state.seconds},
+            "epoch_loss": {"sum": state.loss_sum, "tokens": state.weight, "seconds": state.seconds,
+                           "figures": dict(state.figure_sums)},
             "best_metric": state.best, "metrics": state.history[-1] if state.history else None,
             "history": list(state.history), "rng": rng, "world_size": world_size}
     if encoder is not None:  # fine-tuned: the cached features no longer describe it, so it travels along
@@ -171,6 +174,7 @@ def restore_training(ckpt: dict[str, Any], path, cfg, *, rank: int, world_size: 
     state = TrainState(step=int(ckpt["step"]), epoch=int(ckpt["epoch"]), batch=int(ckpt.get("batch", 0)),
                        loss_sum=float(epoch_loss.get("sum", 0.0)), weight=int(epoch_loss.get("tokens", 0)),
                        seconds=float(epoch_loss.get("seconds", 0.0)),
+                       figure_sums=dict(epoch_loss.get("figures") or {}),
                        best=float(ckpt.get("best_metric", -math.inf)),
                        history=list(ckpt.get("history") or ([ckpt["metrics"]] if ckpt.get("metrics") else [])))
     rng = ckpt.get("rng")
@@ -231,6 +235,34 @@ def resolve_resume(resume: Optional[str], out_dir: str | Path) -> Optional[Path]
 SHAPE_KEYS = ("name", "inject", "cell", "num_layers", "embed_dim", "hidden_dim", "tie_embeddings")
 
 
+def load_weights(ckpt: dict[str, Any], path: str | Path, model, feature_dim: int, model_cfg: dict) -> None:
+    """``train.init_from``: the checkpoint's decoder weights (what it decodes with) into ``model``,
+    after checking that they fit this run's features and model."""
+    missing = {"config", "vocab", "model", "feature_dim"} - set(ckpt)
+    if missing:
+        raise CheckpointError(f"{path} is not a captioner checkpoint: it lacks {', '.join(sorted(missing))}")
+    check_fits(ckpt, path, feature_dim, model_cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path} does not fit this model: {str(err).strip().splitlines()[-1].strip()}") from None
+
+
+def check_fits(ckpt: dict[str, Any], path: str | Path, feature_dim: int, model_cfg: dict) -> None:
+    """One-line CheckpointError unless ``ckpt`` was trained on features of ``feature_dim`` with a
+    model of the shape ``model_cfg`` describes."""
+    if int(ckpt["feature_dim"]) != int(feature_dim):
+        encoder = ckpt["config"].get("encoder", {}).get("name", "?")
+        raise CheckpointError(f"{path} was trained on {ckpt['feature_dim']}-d features (encoder={encoder}); "
+                              f"this config gives {feature_dim}-d: use the same encoder")
+    saved_model = ckpt["config"].get("model", {})
+    changed = [f"model.{k}={saved_model.get(k)} there, {model_cfg.get(k)} here"
+               for k in SHAPE_KEYS if k in saved_model and saved_model.get(k) != model_cfg.get(k)]
+    if changed:
+        raise CheckpointError(f"{path} has another model shape ({'; '.join(changed)}): "
+                              "use the model settings it was trained with")
+
+
 def check_resumable(ckpt: dict[str, Any], path: str | Path, vocab_words: list[str], feature_dim: int,
                     model_cfg: dict) -> None:
     """One-line CheckpointError unless ``ckpt`` fits this run's vocabulary, features and model."""
@@ -245,16 +277,7 @@ def check_resumable(ckpt: dict[str, Any], path: str | Path, vocab_words: list[st
         raise CheckpointError(
             f"{path} was trained with another vocabulary ({len(saved)} words; this data gives {len(vocab_words)}; "
             f"{where}): resume with the data and data.min_count it was trained on, or use a new train.out_dir")
-    if int(ckpt["feature_dim"]) != int(feature_dim):
-        encoder = ckpt["config"].get("encoder", {}).get("name", "?")
-        raise CheckpointError(f"{path} was trained on {ckpt['feature_dim']}-d features (encoder={encoder}); "
-                              f"this config gives {feature_dim}-d: use the same encoder")
-    saved_model = ckpt["config"].get("model", {})
-    changed = [f"model.{k}={saved_model.get(k)} there, {model_cfg.get(k)} here"
-               for k in SHAPE_KEYS if k in saved_model and saved_model.get(k) != model_cfg.get(k)]
-    if changed:
-        raise CheckpointError(f"{path} has another model shape ({'; '.join(changed)}): "
-                              "resume with the model settings it was trained with")
+    check_fits(ckpt, path, feature_dim, model_cfg)
 
 
 class Restored(NamedTuple):

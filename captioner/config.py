@@ -201,10 +201,13 @@ class TrainConfig:
     out_dir: Optional[str] = None  # default: Hydra's run directory
     log_every: int = at_least(50, 0)
     val_max_images: int = at_least(0, 0)  # 0: the whole val split
-    monitor: str = choice("Bleu_4", ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"))
+    monitor: str = choice("Bleu_4", ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "CIDEr"))
     progress: bool = True
     plot: bool = True
     resume: Optional[str] = None  # PATH (a last.pt/best.pt, or a run directory) | auto (out_dir/last.pt if any)
+    # start from a trained checkpoint's weights and vocabulary (e.g. self-critical training after
+    # cross-entropy), with a fresh optimizer and schedule
+    init_from: Optional[str] = None
     save_every: int = at_least(0, 0)  # also save last.pt every N optimizer steps, for mid-epoch resume
     precision: str = choice("fp32", owned_by("captioner.precision", "PRECISIONS"))
     compile: bool = False

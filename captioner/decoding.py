@@ -99,6 +99,23 @@ def greedy(model, features: torch.Tensor, *, max_length: int, ban_unk: bool, blo
     return _decode_one_path(model, features, max_length, lambda lp: lp.argmax(dim=-1), ban_unk, block_trigrams)
 
 
+@torch.no_grad()
+def draw(model, features: torch.Tensor, uniforms: torch.Tensor, *, max_length: int, ban_unk: bool = False,
+         block_trigrams: bool = False) -> DecodeOutput:
+    """Sample each token from the model's distribution by inverse CDF, row i's step t reading
+    ``uniforms[i, t]`` ([N, max_length + 1] in [0, 1)): the randomness is the caller's, so it can
+    be a function of (seed, step, image) rather than of the process or the batch layout."""
+    step = iter(range(max_length + 1))
+
+    def choose(logprobs):
+        cdf = logprobs.float().exp().cumsum(dim=-1)
+        # (above 0: u = 0 would pick token 0, <pad>, whose probability is 0)
+        u = uniforms[:, next(step)].to(cdf)[:, None].clamp(min=1e-12) * cdf[:, -1:]
+        return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=cdf.size(1) - 1)
+
+    return _decode_one_path(model, features, max_length, choose, ban_unk, block_trigrams)
+
+
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Keep the ``top_k`` most likely tokens (0: all), then the smallest set of those whose
     probability reaches ``top_p`` (nucleus); the rest become -inf. The most likely token is

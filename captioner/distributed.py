@@ -172,7 +172,7 @@ def shard_batches(batches: Iterable[Batch], ctx: Dist) -> Iterator[Batch]:
 
     for batch in batches:
         rows = ctx.part(batch.features.size(0))
-        part = Batch(*(t[rows.start : rows.stop] for t in batch))
+        part = Batch(*(None if t is None else t[rows.start : rows.stop] for t in batch))
         if len(rows):
             part = part._replace(tokens=part.tokens[:, : int((part.tokens != PAD_ID).sum(dim=1).max())])
         yield part
@@ -208,9 +208,10 @@ class DataParallelObjective(nn.parallel.DistributedDataParallel):
 
         empty = batch.features.size(0) == 0
         if empty:  # take part in the all-reduce with a stand-in example of weight 0
+            zero = torch.zeros(1, dtype=torch.long, device=batch.tokens.device)
             batch = Batch(batch.features.new_zeros((1, *batch.features.shape[1:])),
-                          torch.tensor([[BOS_ID, EOS_ID]], device=batch.tokens.device),
-                          torch.zeros(1, dtype=torch.long, device=batch.tokens.device))
+                          torch.tensor([[BOS_ID, EOS_ID]], device=batch.tokens.device), zero,
+                          None if batch.seeds is None else zero)
         out = self(batch)
         n_local = 0 if empty else int(out.weight)
         stats = torch.tensor([float(n_local), out.loss.detach().double().item() * n_local], dtype=torch.float64,

@@ -15,7 +15,7 @@ import torch
 from captioner.datasets import ImageRecord
 from captioner.objectives import Batch, ObjectiveOutput
 from captioner.precision import Precision
-from captioner.vocab import PAD_ID, Vocabulary
+from captioner.vocab import BOS_ID, PAD_ID, Vocabulary
 
 
 class CaptionBatches:
@@ -81,6 +81,26 @@ class CaptionBatches:
             yield Batch(images, tokens, rows)
 
 
+class ImageBatches:
+    """Every training image once per epoch, shuffled by a seeded generator (the order a function of
+    (seed, epoch) alone, for exact resume), for objectives that read an image's references rather
+    than one caption: each batch carries the rows' record indices and their random seeds."""
+
+    def __init__(self, features: np.ndarray, batch_size: int, seed: int = 0):
+        self.features, self.batch_size, self.seed = features, batch_size, seed
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.features) / self.batch_size)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        order = torch.randperm(len(self.features), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        for b in range(start, len(self)):
+            rows = order[b * self.batch_size : (b + 1) * self.batch_size]
+            features = torch.from_numpy(np.asarray(self.features[rows.numpy()], dtype=np.float32))
+            bos = torch.full((len(rows), 1), BOS_ID, dtype=torch.long)
+            yield Batch(features, bos, rows, (self.seed * 1_000_003 + epoch) * 1_000_003 + rows)
+
+
 def train_one_epoch(model, optimizer, scheduler, batches, device, grad_clip: float = 0.0,
                     progress=None, on_step=None, precision: Optional[Precision] = None,
                     encode=None, compute=None) -> tuple[float, int]:
@@ -124,7 +144,8 @@ def train_one_epoch(model, optimizer, scheduler, batches, device, grad_clip: flo
         steps += 1
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{total_loss / max(total_weight, 1):.3f}")
+            progress.set_postfix(loss=f"{total_loss / max(total_weight, 1):.3f}",
+                                 **{name: f"{value:.3f}" for name, value in out.figures.items()})
         if on_step is not None:
             on_step(out, value)
     return total_loss / max(total_weight, 1), steps

@@ -21,8 +21,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from captioner import distributed
-from captioner.checkpoint import (BEST, LAST, TrainState, load_checkpoint, resolve_resume, restore_training,
-                                  rng_state, save_checkpoint, training_checkpoint)
+from captioner.checkpoint import (BEST, LAST, TrainState, load_checkpoint, load_weights, resolve_resume,
+                                  restore_training, rng_state, save_checkpoint, training_checkpoint)
 from captioner.config import validate
 from captioner.datasets import drop_empty_captions, load_records
 from captioner.ema import WeightAverage
@@ -153,27 +153,37 @@ def prepare(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, out_di
                                       on_bad_image=cfg.data.on_bad_image)
     features = {split: f.features for split, f in computed.items()}
     records = {split: f.records for split, f in computed.items()}
-    vocab = Vocabulary.build((c for r in records["train"] for c in r.captions), cfg.data.min_count)
-    log.info("vocabulary: %d words (min_count=%d) from %d training images", len(vocab), cfg.data.min_count,
-             len(records["train"]))
+    start = ctx.on_main(lambda: load_checkpoint(cfg.train.init_from)) if cfg.train.init_from else None
+    if start is not None:  # its vocabulary: the weights were trained to read and write those ids
+        vocab = Vocabulary.from_dict(start["vocab"])
+        log.info("starting from %s (step %s): its weights and its %d-word vocabulary", cfg.train.init_from,
+                 start.get("step"), len(vocab))
+    else:
+        vocab = Vocabulary.build((c for r in records["train"] for c in r.captions), cfg.data.min_count)
+        log.info("vocabulary: %d words (min_count=%d) from %d training images", len(vocab), cfg.data.min_count,
+                 len(records["train"]))
 
     # Seeded again here: building the feature cache draws from the global RNG (DataLoader seeds),
     # reading it does not, and the model must not depend on which of the two happened.
     seed_everything(cfg.train.seed)
     feature_dim = int(features["train"].shape[1])
     model = build_model(cfg.model, len(vocab), feature_dim).to(device)
+    if start is not None:
+        load_weights(start, cfg.train.init_from, model, feature_dim, OmegaConf.to_container(cfg.model, resolve=True))
     average = WeightAverage(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None  # (before compiling)
     if cfg.train.compile:
         compile_loss(model, device)  # in place: state_dict names and eager decoding unchanged
     finetune = EncoderFineTuning(encoder, cfg.encoder, device) if cfg.encoder.finetune_after >= 0 else None
     param_groups = [{"params": list(model.parameters())}] + ([finetune.param_group()] if finetune else [])
     optimizer = build_optimizer(param_groups, cfg.optim, device)
-    batches = CaptionBatches(features["train"], records["train"], vocab, cfg.data.max_length,
-                             cfg.train.batch_size, seed=cfg.train.seed)
+    context = ObjectiveContext(vocab, records["train"], cfg.decode, device)
+    objective = build_objective(cfg.objective, context)
+    batches = objective.batches(features["train"], context, cfg)
+    if finetune is not None and not isinstance(batches, CaptionBatches):
+        raise ValueError(f"encoder.finetune_after works with objective=cross_entropy, not {cfg.objective.name}")
     total_steps = len(batches) * cfg.train.epochs
     scheduler = build_scheduler(optimizer, cfg.optim, len(batches),
                                 min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps)
-    objective = build_objective(cfg.objective, ObjectiveContext(vocab, records["train"], cfg.decode, device))
 
     val_split = "val" if "val" in features else "test"
     limit = cfg.train.val_max_images or None
@@ -209,6 +219,8 @@ def fit(run: Run, stop: StopSignals) -> dict[str, Any]:
             run.average.update(run.model)
         state.step, state.batch = state.step + 1, state.batch + 1
         state.loss_sum, state.weight = state.loss_sum + loss * out.weight, state.weight + out.weight
+        for name, value in out.figures.items():
+            state.figure_sums[name] = state.figure_sums.get(name, 0.0) + value * out.weight
         state.seconds = time.perf_counter() - started
         if cfg.train.log_every and state.step % cfg.train.log_every == 0:
             figures = "".join(f" | train/{k} {v:.4f}" for k, v in out.figures.items())
@@ -237,12 +249,14 @@ def fit(run: Run, stop: StopSignals) -> dict[str, Any]:
             train_loss = state.loss_sum / max(state.weight, 1)
             val_features = run.finetune.features(run.val_records) if run.finetuning() else run.val_features
             scores, _ = evaluate(run.eval_model, val_features, run.val_records, run.vocab, cfg.decode, run.device,
-                                 shards=ctx if ctx.enabled else None)
+                                 metrics=("bleu", "cider"), shards=ctx if ctx.enabled else None)
             row = {"epoch": epoch + 1, "step": state.step, "train/loss": round(train_loss, 5),
+                   **{f"train/{k}": round(v / max(state.weight, 1), 5) for k, v in state.figure_sums.items()},
                    "lr": run.scheduler.get_last_lr()[0], "time_s": round(time.perf_counter() - started, 2),
                    **{f"val/{k}": v for k, v in scores.items() if isinstance(v, (int, float))}}
-            log.info("epoch %d step %d | train/loss %.3f | val/Bleu_1 %.3f val/Bleu_4 %.3f | %.1fs",
-                     epoch + 1, state.step, train_loss, scores["Bleu_1"], scores["Bleu_4"], row["time_s"])
+            log.info("epoch %d step %d | train/loss %.3f | val/Bleu_1 %.3f val/Bleu_4 %.3f val/CIDEr %.3f | %.1fs",
+                     epoch + 1, state.step, train_loss, scores["Bleu_1"], scores["Bleu_4"], scores["CIDEr"],
+                     row["time_s"])
             improved = state.end_epoch(row, scores[monitor])
             run.save([LAST, BEST] if improved else [LAST])
             if ctx.is_main:

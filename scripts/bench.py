@@ -5,6 +5,8 @@
     python scripts/bench.py features     # pipeline vs model-only images/s
     python scripts/bench.py memory       # peak RSS training from a COCO-size memory-mapped cache
     python scripts/bench.py train        # training step efficiency vs plain matmul GFLOP/s
+    python scripts/bench.py reward       # CIDEr-D reward: CiderD.score vs pycocoevalcap captions/s
+    python scripts/bench.py scst         # one SCST step vs one cross-entropy step over as many captions
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-BENCHMARKS = {"features": "bench_features", "memory": "bench_memory", "train": "bench_train", "decode": "bench_decode"}
+BENCHMARKS = {"features": "bench_features", "memory": "bench_memory", "train": "bench_train", "decode": "bench_decode",
+              "reward": "bench_reward", "scst": "bench_scst"}
 
 
 def machine() -> str:

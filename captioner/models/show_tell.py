@@ -136,9 +136,8 @@ class ShowTell(nn.Module):
         """Logits [B, T-1, V] predicting tokens[:, 1:] from tokens[:, :-1]."""
         return self.output(self.hidden_states(features, tokens[:, :-1]))
 
-    def loss(self, features: torch.Tensor, tokens: torch.Tensor,
-             label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
-        """Mean cross-entropy over real target tokens, and their count.
+    def _real_logits(self, features: torch.Tensor, tokens: torch.Tensor):
+        """(logits [n, V] of the real target positions, their targets [n], the mask [B, T-1]).
 
         The real positions are gathered first, so dropout, the output layer (the largest matmul
         at COCO vocabulary size) and the softmax run only where the target is a real token:
@@ -150,10 +149,22 @@ class ShowTell(nn.Module):
         out = self._outputs(features, tokens[:, :-1])
         targets = tokens[:, 1:]
         mask = targets != self.pad_id
-        real = targets[mask]
-        logits = self.output(self.dropout(out[mask]))
+        return self.output(self.dropout(out[mask])), targets[mask], mask
+
+    def loss(self, features: torch.Tensor, tokens: torch.Tensor,
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+        """Mean cross-entropy over real target tokens, and their count."""
+        logits, real, _ = self._real_logits(features, tokens)
         loss = F.cross_entropy(logits, real, label_smoothing=label_smoothing)
         return loss, real.numel()  # (numel: no extra reduction or sync)
+
+    def sequence_logprobs(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """log p(caption | image) [B] of each row of ``tokens`` (<bos> w1 .. wn <eos>, padded),
+        <eos> included, in one teacher-forced pass."""
+        logits, real, mask = self._real_logits(features, tokens)
+        token_logprobs = -F.cross_entropy(logits.float(), real, reduction="none")
+        rows = torch.arange(tokens.size(0), device=tokens.device)[:, None].expand_as(mask)[mask]
+        return torch.zeros(tokens.size(0), device=tokens.device).index_add_(0, rows, token_logprobs)
 
     # -- one step at a time, for decoding ------------------------------------------------
     def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:

@@ -5,15 +5,16 @@ training loop never knows which one it runs (self-critical.pytorch's loss wrappe
 of this package defines one, decorated with ``@OBJECTIVES.register(name, Schema)`` (``Schema``
 a subclass of ``captioner.config.ObjectiveConfig``) and selected by ``conf/objective/<name>.yaml``.
 
-An objective is built once per run with ``from_config(cfg, context)`` and called as
-``objective(model, batch) -> ObjectiveOutput``. Under torchrun the call runs inside DDP's
+An objective is built once per run with ``from_config(cfg, context)``; ``batches(features, cfg)``
+makes its training batches (captions for cross-entropy, images for self-critical training) and
+it is called as ``objective(model, batch) -> ObjectiveOutput``. Under torchrun the call runs inside DDP's
 forward (``captioner.distributed``), so the loss is a mean over ``weight`` units (tokens,
 captions) that the ranks combine exactly.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -24,11 +25,14 @@ OBJECTIVES = Registry("objective", __name__)
 
 class Batch(NamedTuple):
     """A training batch: features [B, D] (or images, when the encoder is fine-tuned), tokens
-    [B, T] (<bos> w1 .. wn <eos>, padded), and each row's index into the split's records."""
+    [B, T] (<bos> w1 .. wn <eos>, padded), each row's index into the split's records and, for
+    objectives that draw samples, each row's random seed (a function of the run's seed, the epoch
+    and the image: never of the process or of where the row sits in the batch)."""
 
     features: torch.Tensor
     tokens: torch.Tensor
     rows: torch.Tensor
+    seeds: Optional[torch.Tensor] = None
 
 
 @dataclass

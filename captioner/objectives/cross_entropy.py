@@ -23,6 +23,13 @@ class CrossEntropy:
     def from_config(cls, cfg, context) -> "CrossEntropy":
         return cls(cfg.label_smoothing)
 
+    def batches(self, features, context, cfg):
+        """Every (image, caption) pair, shuffled per epoch."""
+        from captioner.engine import CaptionBatches
+
+        return CaptionBatches(features, context.records, context.vocab, cfg.data.max_length, cfg.train.batch_size,
+                              seed=cfg.train.seed)
+
     def __call__(self, model, batch: Batch) -> ObjectiveOutput:
         loss, n_tokens = model.loss(batch.features, batch.tokens, self.label_smoothing)
         return ObjectiveOutput(loss, n_tokens)

@@ -1,0 +1,119 @@
+"""Self-critical sequence training (Rennie et al. 2017): optimize the test metric directly.
+
+Each step takes a batch of training images, draws ``samples`` captions per image from the model,
+scores each against the image's references with CIDEr-D (document frequencies from the training
+split, in the vocabulary's own ids, ``<eos>`` counted as self-critical.pytorch counts it), and
+minimizes -(reward - baseline) x log p(caption), averaged over the samples. The baseline is the
+mean reward of the image's other samples (``mean``, Luo 2020; no extra decode) or the reward of
+a greedy decode (``greedy``, the original SCST).
+
+The samples are drawn without gradients and their log-probabilities computed in one
+teacher-forced pass, which is exact when both passes see the same distribution: so dropout is
+off by default (``objective.dropout=true`` keeps it in both passes, with different masks). Each
+image's randomness comes from its own generator seeded by (train.seed, epoch, image), so N
+processes draw what one process draws and a resumed run draws what the uninterrupted one drew.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from captioner.config import ObjectiveConfig, at_least, choice
+from captioner.objectives import OBJECTIVES, Batch, ObjectiveOutput
+from captioner.vocab import BOS_ID, EOS_ID, PAD_ID
+
+
+@dataclass
+class ScstConfig(ObjectiveConfig):
+    name: str = "scst"
+    samples: int = at_least(5, 2)  # captions drawn per image
+    baseline: str = choice("mean", ("mean", "greedy"))
+    cider_weight: float = at_least(1.0, 0.0)
+    bleu_weight: float = at_least(0.0, 0.0)  # a BLEU-4 term in the reward (the toolkit's per-caption BLEU-4)
+    include_eos: bool = True  # <eos> appended to samples and references before counting n-grams
+    dropout: bool = False
+
+    @staticmethod
+    def check(node):
+        if node.cider_weight == 0 and node.bleu_weight == 0:
+            return "cider_weight=0 and objective.bleu_weight=0: the reward would be 0; give one a weight"
+        return None
+
+
+@contextlib.contextmanager
+def _dropout(model: torch.nn.Module, on: bool):
+    """The model in training mode with (or without: eval mode) dropout for the block."""
+    was_training = model.training
+    model.train(on)
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@OBJECTIVES.register("scst", ScstConfig)
+class SelfCritical:
+    def __init__(self, cfg, vocab, records, decode_cfg):
+        from captioner.rewards import CiderD
+
+        self.cfg, self.decode = cfg, decode_cfg
+        self.image_ids = [r.image_id for r in records]
+        self.references = {r.image_id: [vocab.encode(c)[1:-1] for c in r.captions] for r in records}
+        self.cider = CiderD(self.references, include_eos=cfg.include_eos, eos=EOS_ID) if cfg.cider_weight else None
+
+    @classmethod
+    def from_config(cls, cfg, context) -> "SelfCritical":
+        return cls(cfg, context.vocab, context.records, context.decode)
+
+    def batches(self, features, context, cfg):
+        """Every training image once per epoch."""
+        from captioner.engine import ImageBatches
+
+        return ImageBatches(features, cfg.train.batch_size, seed=cfg.train.seed)
+
+    def rewards(self, image_ids: list, captions: list[list[int]]) -> np.ndarray:
+        reward = np.zeros(len(captions))
+        if self.cider is not None:
+            reward += self.cfg.cider_weight * self.cider.score(image_ids, captions)
+        if self.cfg.bleu_weight:
+            from captioner.rewards import bleu4
+
+            reward += self.cfg.bleu_weight * bleu4([self.references[i] for i in image_ids], captions)
+        return reward
+
+    def __call__(self, model, batch: Batch) -> ObjectiveOutput:
+        from captioner.decoding import draw, greedy
+
+        k, steps = self.cfg.samples, self.decode.max_length + 1
+        features = batch.features.repeat_interleave(k, dim=0)
+        uniforms = torch.stack([torch.rand(k, steps, generator=torch.Generator().manual_seed(int(seed)))
+                                for seed in batch.seeds.tolist()]).view(-1, steps)
+        image_ids = [self.image_ids[row] for row in batch.rows.tolist()]
+        with _dropout(model, self.cfg.dropout):
+            drawn = draw(model, features, uniforms.to(features.device), max_length=self.decode.max_length,
+                         ban_unk=self.decode.ban_unk)
+            logprobs = model.sequence_logprobs(features, _as_tokens(drawn.sequences, features.device))
+            reward = self.rewards([i for i in image_ids for _ in range(k)], drawn.sequences).reshape(-1, k)
+            if self.cfg.baseline == "mean":  # each sample against the mean of the image's other samples
+                baseline = (reward.sum(axis=1, keepdims=True) - reward) / (k - 1)
+            else:
+                with torch.no_grad():
+                    decoded = greedy(model, batch.features, max_length=self.decode.max_length,
+                                     ban_unk=self.decode.ban_unk, block_trigrams=False)
+                baseline = np.repeat(self.rewards(image_ids, decoded.sequences)[:, None], k, axis=1)
+        advantage = torch.from_numpy((reward - baseline).reshape(-1)).to(logprobs)
+        loss = -(advantage * logprobs).mean()
+        lengths = [len(s) for s in drawn.sequences]
+        return ObjectiveOutput(loss, len(lengths), {"reward": float(reward.mean()), "baseline": float(baseline.mean()),
+                                                    "sample_length": float(np.mean(lengths))})
+
+
+def _as_tokens(sequences: list[list[int]], device) -> torch.Tensor:
+    """<bos> w1 .. wn <eos>, padded, for each caption."""
+    tokens = torch.full((len(sequences), max(map(len, sequences)) + 2), PAD_ID, dtype=torch.long)
+    for i, words in enumerate(sequences):
+        tokens[i, : len(words) + 2] = torch.tensor([BOS_ID, *words, EOS_ID])
+    return tokens.to(device)

@@ -1,0 +1,123 @@
+"""Self-critical sequence training: exact sampling and log-probabilities, the CIDEr rising from a
+cross-entropy start, exact resume and torchrun equality."""
+from __future__ import annotations
+
+import random
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner.decoding import draw
+from captioner.models.show_tell import ShowTell
+from captioner.objectives import Batch
+from captioner.objectives.scst import _as_tokens
+from captioner.trainer import train
+from conftest import TINY, compose_config
+from test_resume import assert_same_state, rows
+from trainrun import load, one_thread, run, start, wait_for_step  # noqa: F401 (fixture)
+
+V, D = 30, 10
+SCST = ["objective=scst", "train.monitor=CIDEr", "optim.lr=5e-4", "optim.schedule=constant", "optim.warmup_steps=0",
+        "train.batch_size=16", "train.plot=false", "objective.samples=4"]
+
+
+def test_drawn_captions_depend_on_their_seed_only_and_score_as_teacher_forcing():
+    torch.manual_seed(0)
+    model = ShowTell(V, D, embed_dim=8, hidden_dim=12, dropout=0.0).eval()
+    features = torch.randn(6, D)
+    uniforms = torch.rand(6, 9, generator=torch.Generator().manual_seed(1))
+    out = draw(model, features, uniforms, max_length=8)
+    alone = draw(model, features[2:3], uniforms[2:3], max_length=8)  # another batch layout, same randomness
+    assert alone.sequences[0] == out.sequences[2]
+    assert all(len(s) <= 8 for s in out.sequences) and len(set(map(tuple, out.sequences))) > 1
+    # the teacher-forced log-probability of each drawn caption is what the step-by-step draw scored
+    logprobs = model.sequence_logprobs(features, _as_tokens(out.sequences, "cpu"))
+    torch.testing.assert_close(logprobs, torch.tensor(out.scores), rtol=0, atol=1e-5)
+
+
+def test_the_mean_baseline_gives_each_image_a_zero_mean_advantage(monkeypatch):
+    from captioner.objectives.scst import ScstConfig, SelfCritical
+    from captioner.datasets import ImageRecord
+    from captioner.vocab import Vocabulary
+    from omegaconf import OmegaConf
+
+    records = [ImageRecord(i, f"{i}.png", [f"a {c} square", f"the {c} square"]) for i, c in enumerate(["red", "blue"])]
+    vocab = Vocabulary.build([c for r in records for c in r.captions], min_count=1)
+    cfg = OmegaConf.structured(ScstConfig(samples=3))
+    objective = SelfCritical(cfg, vocab, records, compose_config("train").decode)
+    torch.manual_seed(0)
+    model = ShowTell(len(vocab), D, embed_dim=8, hidden_dim=12, dropout=0.0)
+    batch = Batch(torch.randn(2, D), torch.zeros(2, 1, dtype=torch.long), torch.tensor([0, 1]), torch.tensor([5, 6]))
+    seen = {}
+    real_rewards = objective.rewards
+    monkeypatch.setattr(objective, "rewards", lambda ids, caps: seen.setdefault("r", real_rewards(ids, caps)))
+    out = objective(model, batch)
+    assert out.weight == 6 and out.loss.requires_grad
+    reward = seen["r"].reshape(2, 3)
+    assert out.figures["reward"] == pytest.approx(reward.mean()) == pytest.approx(out.figures["baseline"])
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.fixture(scope="module")
+def cross_entropy_run(tmp_path_factory, shapes_root):
+    """A tiny cross-entropy run on the shapes set: SCST starts from its best.pt."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("xe") / "run"
+        final = train(compose_config("train", [*TINY, f"data.root={shapes_root}", f"train.out_dir={out}",
+                                               "train.epochs=3", "train.batch_size=16", "train.plot=false"]))
+    finally:
+        torch.set_num_threads(threads)
+    return out / "best.pt", final
+
+
+def scst_cfg(shapes_root, out_dir, start: Path, *overrides):
+    return compose_config("train", [*TINY, f"data.root={shapes_root}", f"train.out_dir={out_dir}", *SCST,
+                                    f"train.init_from={start}", *overrides])
+
+
+def test_scst_from_a_cross_entropy_checkpoint_raises_val_cider(cross_entropy_run, tmp_path, shapes_root, one_thread):
+    start, before = cross_entropy_run
+    final = train(scst_cfg(shapes_root, tmp_path / "scst", start, "train.epochs=3"))
+    history = rows(tmp_path / "scst")
+    assert final["val/CIDEr"] > before["val/CIDEr"], (before["val/CIDEr"], [r["val/CIDEr"] for r in history])
+    assert {"train/reward", "train/baseline", "train/sample_length"} <= set(history[0])
+    assert load(tmp_path / "scst" / "best.pt")["vocab"] == load(start)["vocab"]
+
+
+@pytest.mark.slow
+def test_scst_killed_at_a_random_step_resumes_bitwise(cross_entropy_run, tmp_path, shapes_root, one_thread):
+    start, _ = cross_entropy_run
+    overrides = [*SCST, f"train.init_from={start}", "train.epochs=2", "train.log_every=1", "model.dropout=0.3",
+                 "objective.dropout=true"]
+    train(compose_config("train", [*TINY, f"data.root={shapes_root}", f"train.out_dir={tmp_path / 'ref'}",
+                                   *overrides]))
+    proc = start(shapes_root, tmp_path / "run", *overrides, "train.save_every=1")
+    wait_for_step(proc, random.Random(13).randint(2, 5))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc.stdout.close()
+    resumed = run(shapes_root, tmp_path / "run", *overrides, "train.save_every=1", "train.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_state(load(tmp_path / "ref" / "last.pt"), load(tmp_path / "run" / "last.pt"))
+    assert rows(tmp_path / "run") == rows(tmp_path / "ref")
+
+
+@pytest.mark.slow
+def test_scst_under_torchrun_equals_one_process(cross_entropy_run, tmp_path, shapes_root, one_thread):
+    from test_distributed import torchrun
+
+    start, _ = cross_entropy_run
+    overrides = [*SCST, f"train.init_from={start}", "train.epochs=1", "train.batch_size=47"]
+    train(compose_config("train", [*TINY, f"data.root={shapes_root}", f"train.out_dir={tmp_path / 'ref'}",
+                                   *overrides]))
+    proc = torchrun(shapes_root, tmp_path / "run", *overrides)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ref, got = load(tmp_path / "ref" / "last.pt"), load(tmp_path / "run" / "last.pt")
+    assert got["world_size"] == 2 and got["step"] == ref["step"]
+    for name, tensor in ref["model"].items():
+        torch.testing.assert_close(got["model"][name], tensor, rtol=0, atol=1e-5, msg=name)
