@@ -81,18 +81,18 @@ def scst_cfg(shapes_root, out_dir, start: Path, *overrides):
 
 
 def test_scst_from_a_cross_entropy_checkpoint_raises_val_cider(cross_entropy_run, tmp_path, shapes_root, one_thread):
-    start, before = cross_entropy_run
-    final = train(scst_cfg(shapes_root, tmp_path / "scst", start, "train.epochs=3"))
+    best, before = cross_entropy_run
+    final = train(scst_cfg(shapes_root, tmp_path / "scst", best, "train.epochs=3"))
     history = rows(tmp_path / "scst")
     assert final["val/CIDEr"] > before["val/CIDEr"], (before["val/CIDEr"], [r["val/CIDEr"] for r in history])
     assert {"train/reward", "train/baseline", "train/sample_length"} <= set(history[0])
-    assert load(tmp_path / "scst" / "best.pt")["vocab"] == load(start)["vocab"]
+    assert load(tmp_path / "scst" / "best.pt")["vocab"] == load(best)["vocab"]
 
 
 @pytest.mark.slow
 def test_scst_killed_at_a_random_step_resumes_bitwise(cross_entropy_run, tmp_path, shapes_root, one_thread):
-    start, _ = cross_entropy_run
-    overrides = [*SCST, f"train.init_from={start}", "train.epochs=2", "train.log_every=1", "model.dropout=0.3",
+    best, _ = cross_entropy_run
+    overrides = [*SCST, f"train.init_from={best}", "train.epochs=2", "train.log_every=1", "model.dropout=0.3",
                  "objective.dropout=true"]
     train(compose_config("train", [*TINY, f"data.root={shapes_root}", f"train.out_dir={tmp_path / 'ref'}",
                                    *overrides]))
@@ -111,8 +111,8 @@ def test_scst_killed_at_a_random_step_resumes_bitwise(cross_entropy_run, tmp_pat
 def test_scst_under_torchrun_equals_one_process(cross_entropy_run, tmp_path, shapes_root, one_thread):
     from test_distributed import torchrun
 
-    start, _ = cross_entropy_run
-    overrides = [*SCST, f"train.init_from={start}", "train.epochs=1", "train.batch_size=47"]
+    best, _ = cross_entropy_run
+    overrides = [*SCST, f"train.init_from={best}", "train.epochs=1", "train.batch_size=47"]
     train(compose_config("train", [*TINY, f"data.root={shapes_root}", f"train.out_dir={tmp_path / 'ref'}",
                                    *overrides]))
     proc = torchrun(shapes_root, tmp_path / "run", *overrides)
