@@ -19,7 +19,7 @@ process, interleaved, best of ``--repeats``; their scores must agree to 1e-9.
 from __future__ import annotations
 
 import argparse
-import copy
+from collections import Counter
 import random
 import sys
 import time
@@ -35,7 +35,7 @@ from captioner.rewards import CiderD  # noqa: E402
 FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
 
 
-class _CorpusDfScorer(CiderScorer):
+class CorpusDfScorer(CiderScorer):
     """CiderScorer with the training split's document frequencies and ref_len (log N).
 
     ``compute_cider`` assigns ``self.ref_len = log(len(self.crefs))``; the property ignores it.
@@ -43,7 +43,10 @@ class _CorpusDfScorer(CiderScorer):
 
     def __init__(self, document_frequency, ref_len):
         super().__init__()
-        self.document_frequency = document_frequency
+        # a Counter: the toolkit's lookups of unseen n-grams read 0 without inserting them, so one
+        # table serves every call (a defaultdict would grow)
+        self.document_frequency = (document_frequency if isinstance(document_frequency, Counter)
+                                   else Counter(document_frequency))
         self._corpus_ref_len = ref_len
 
     @property
@@ -122,8 +125,10 @@ def run(argv: list[str] | None = None) -> list[dict]:
     cand_lines = [" ".join(c) for c in candidates]
     ref_lines = {name: [" ".join(r) for r in refs] for name, refs in batch_refs.items()}
 
+    document_frequency = Counter(df_scorer.document_frequency)
+
     def toolkit():
-        scorer = _CorpusDfScorer(copy.copy(df_scorer.document_frequency), ref_len)
+        scorer = CorpusDfScorer(document_frequency, ref_len)
         for name, line in zip(image_ids, cand_lines):
             scorer += (line, ref_lines[name])
         return np.array(scorer.compute_cider())

@@ -1,8 +1,8 @@
 """captioner.rewards.CiderD against pycocoevalcap's CIDEr-D, caption by caption, to 1e-9."""
 from __future__ import annotations
 
-import copy
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,9 @@ from pycocoevalcap.cider.cider_scorer import CiderScorer
 
 from captioner.rewards import CiderD
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from bench_reward import CorpusDfScorer  # noqa: E402 (the bench's reference: the toolkit with another corpus's df)
+
 FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
 WORDS = [f"w{i}" for i in range(30)]
 
@@ -19,28 +22,6 @@ WORDS = [f"w{i}" for i in range(30)]
 # ---------------------------------------------------------------------------------------------
 # The toolkit's numbers
 # ---------------------------------------------------------------------------------------------
-class _CorpusDfScorer(CiderScorer):
-    """The toolkit's CiderScorer, with document frequencies and ref_len from another corpus.
-
-    ``compute_cider`` sets ``self.ref_len = log(len(self.crefs))`` itself, so the property below
-    ignores that assignment; ``compute_cider`` is called directly (``compute_score`` would
-    recount the document frequencies from the scored references).
-    """
-
-    def __init__(self, document_frequency, ref_len):
-        super().__init__()
-        self.document_frequency = copy.copy(document_frequency)
-        self._corpus_ref_len = ref_len
-
-    @property
-    def ref_len(self):
-        return self._corpus_ref_len
-
-    @ref_len.setter
-    def ref_len(self, value):
-        pass
-
-
 def _line(caption, eos=None) -> str:
     words = [str(t) for t in caption] + ([str(eos)] if eos is not None else [])
     return " ".join(words)
@@ -52,7 +33,7 @@ def toolkit_scores(corpus, image_ids, candidates, references=None, eos=None) -> 
     for refs in corpus.values():
         df_scorer += (None, [_line(r, eos) for r in refs])
     df_scorer.compute_doc_freq()
-    scorer = _CorpusDfScorer(df_scorer.document_frequency, np.log(float(len(df_scorer.crefs))))
+    scorer = CorpusDfScorer(df_scorer.document_frequency, np.log(float(len(df_scorer.crefs))))
     references = corpus if references is None else references
     for image_id, caption in zip(image_ids, candidates):
         scorer += (_line(caption, eos), [_line(r, eos) for r in references[image_id]])
