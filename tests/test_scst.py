@@ -132,3 +132,12 @@ def test_scst_under_torchrun_equals_one_process(cross_entropy_run, tmp_path, scs
     assert got["world_size"] == 2 and got["step"] == ref["step"]
     for name, tensor in ref["model"].items():
         torch.testing.assert_close(got["model"][name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+def test_init_from_a_checkpoint_of_another_encoder_is_one_line(tmp_path, shapes_root):
+    from test_commands import checkpoint_for
+    from trainrun import assert_one_line_error
+
+    other = checkpoint_for(tmp_path / "resnet.pt", "encoder=resnet50", "encoder.pretrained=false")
+    proc = run(shapes_root, tmp_path / "run", "objective=scst", f"train.init_from={other}")
+    assert_one_line_error(proc, f"{other} was trained on 2048-d features (encoder=resnet50)", "use the same encoder")
