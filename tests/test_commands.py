@@ -66,7 +66,7 @@ OUT_OF_RANGE = {
               ("encoder.input_size=8", "encoder.input_size=8: must be at least 32"),
               ("objective.label_smoothing=2", "objective.label_smoothing=2.0: must be in [0.0, 1.0]"),
               ("data.holdout=0.9", "data.holdout=0.9: must be in [0.0, 0.5]"),
-              ("train.monitor=CIDEr", "train.monitor='CIDEr': choose one of Bleu_1, Bleu_2, Bleu_3, Bleu_4")],
+              ("train.monitor=METEOR", "train.monitor='METEOR': choose one of Bleu_1, Bleu_2, Bleu_3, Bleu_4, CIDEr")],
     "extract": [("encoder.batch_size=0", "encoder.batch_size=0: must be at least 1"),
                 ("data.max_length=0", "data.max_length=0: must be at least 1"),
                 ("encoder.crop_pct=0", "encoder.crop_pct=0.0: must be in (0.0, 1.0]")],

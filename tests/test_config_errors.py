@@ -125,7 +125,7 @@ def test_non_ascii_and_very_long_captions(tmp_path):
 
 @pytest.mark.parametrize("override, expected", [
     ("train.precision=fp8", "train.precision='fp8': choose one of fp32, bf16, fp16"),
-    ("train.monitor=CIDEr", "train.monitor='CIDEr': choose one of Bleu_1, Bleu_2, Bleu_3, Bleu_4"),
+    ("train.monitor=METEOR", "train.monitor='METEOR': choose one of Bleu_1, Bleu_2, Bleu_3, Bleu_4, CIDEr"),
     ("optim.schedule=cosin", "optim.schedule='cosin': choose one of cosine, step, constant"),
     ("train.batch_size=0", "train.batch_size=0: must be at least 1"),
 ])
