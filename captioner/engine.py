@@ -18,6 +18,12 @@ from captioner.precision import Precision
 from captioner.vocab import BOS_ID, PAD_ID, Vocabulary
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of ``n`` training examples in ``epoch``: a function of (seed, epoch)
+    alone, so a resumed run can skip to the exact batch it stopped at."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
 class CaptionBatches:
     """Every (image, caption) pair as a training example, shuffled per epoch by a seeded generator.
 
@@ -55,7 +61,7 @@ class CaptionBatches:
 
     def epoch_rows(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of ``epoch`` from ``start`` as (image rows of the records, tokens)."""
-        order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        order = epoch_order(len(self.rows), self.seed, epoch)
         for b in range(start, len(self)):
             pairs = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield self.rows[pairs], self.tokens[pairs, : int(self.lengths[pairs].max())]
@@ -93,7 +99,7 @@ class ImageBatches:
         return math.ceil(len(self.features) / self.batch_size)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        order = torch.randperm(len(self.features), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        order = epoch_order(len(self.features), self.seed, epoch)
         for b in range(start, len(self)):
             rows = order[b * self.batch_size : (b + 1) * self.batch_size]
             features = torch.from_numpy(np.asarray(self.features[rows.numpy()], dtype=np.float32))
