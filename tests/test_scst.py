@@ -12,7 +12,7 @@ import torch
 from captioner.decoding import draw
 from captioner.models.show_tell import ShowTell
 from captioner.objectives import Batch
-from captioner.objectives.scst import _as_tokens
+from captioner.objectives.scst import _as_tokens, reference_ids
 from captioner.trainer import train
 from conftest import TINY, compose_config
 from test_resume import assert_same_state, rows
@@ -41,6 +41,28 @@ def test_drawn_captions_depend_on_their_seed_only_and_score_as_teacher_forcing()
     # the teacher-forced log-probability of each drawn caption is what the step-by-step draw scored
     logprobs = model.sequence_logprobs(features, _as_tokens(out.sequences, "cpu"))
     torch.testing.assert_close(logprobs, torch.tensor(out.scores), rtol=0, atol=1e-5)
+
+
+def test_a_sampled_unk_earns_nothing_from_rare_reference_words():
+    """References keep their rare words as ids of their own: <unk> in a sample matches nothing,
+    as the word "<unk>" matches nothing when captions are scored as text."""
+    from captioner.datasets import ImageRecord
+    from captioner.rewards import CiderD
+    from captioner.vocab import UNK_ID, Vocabulary
+
+    vocab = Vocabulary.build(["a dog runs on grass", "a dog runs", "a cat sits on grass"], min_count=2)
+    records = [ImageRecord(0, "a.jpg", ["a zebu runs on grass", "a gnu runs on grass"]),
+               ImageRecord(1, "b.jpg", ["a dog sits on grass"])]
+    refs = reference_ids(vocab, records)
+    zebu, gnu = refs[0][0][1], refs[0][1][1]
+    assert UNK_ID not in {t for caps in refs.values() for c in caps for t in c}
+    assert len(vocab) <= zebu != gnu and refs[0][0][2:] == refs[0][1][2:] == [vocab.stoi[w] for w in "runs on grass".split()]
+    cider = CiderD(refs)
+    with_unk = [vocab.stoi["a"], UNK_ID, *refs[0][0][2:]]
+    with_dog = [vocab.stoi["a"], vocab.stoi["dog"], *refs[0][0][2:]]  # "dog": in no reference of image 0
+    with_zebu = [vocab.stoi["a"], zebu, *refs[0][0][2:]]
+    unk, dog, exact = cider.score([0, 0, 0], [with_unk, with_dog, with_zebu])
+    assert unk == pytest.approx(dog) and exact > unk
 
 
 def test_the_mean_baseline_gives_each_image_a_zero_mean_advantage(monkeypatch):

@@ -23,6 +23,7 @@ import torch
 
 from captioner.config import ObjectiveConfig, at_least, choice
 from captioner.objectives import OBJECTIVES, Batch, ObjectiveOutput
+from captioner.tokenizer import tokenize
 from captioner.vocab import BOS_ID, EOS_ID, PAD_ID
 
 
@@ -61,7 +62,7 @@ class SelfCritical:
 
         self.cfg, self.decode = cfg, decode_cfg
         self.image_ids = [r.image_id for r in records]
-        self.references = {r.image_id: [vocab.encode(c)[1:-1] for c in r.captions] for r in records}
+        self.references = reference_ids(vocab, records)
         self.cider = CiderD(self.references, include_eos=cfg.include_eos, eos=EOS_ID) if cfg.cider_weight else None
 
     @classmethod
@@ -109,6 +110,20 @@ class SelfCritical:
         lengths = [len(s) for s in drawn.sequences]
         return ObjectiveOutput(loss, len(lengths), {"reward": float(reward.mean()), "baseline": float(baseline.mean()),
                                                     "sample_length": float(np.mean(lengths))})
+
+
+def reference_ids(vocab, records) -> dict:
+    """Each image's reference captions as token ids, a word outside the vocabulary getting an id
+    of its own above it rather than <unk>'s: a sampled <unk> then matches nothing, as the word
+    "<unk>" matches nothing when the toolkit scores text. (Encoded as <unk>, references would pay
+    the model for writing <unk> wherever a rare word belongs.)"""
+    rare: dict[str, int] = {}
+
+    def word_id(word: str) -> int:
+        known = vocab.stoi.get(word)
+        return known if known is not None else rare.setdefault(word, len(vocab) + len(rare))
+
+    return {r.image_id: [[word_id(w) for w in tokenize(c)] for c in r.captions] for r in records}
 
 
 def _as_tokens(sequences: list[list[int]], device) -> torch.Tensor:
