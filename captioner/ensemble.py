@@ -26,8 +26,12 @@ class Ensemble(nn.Module):
         if len(vocab_sizes) > 1 or len(feature_dims) > 1:
             raise ValueError(f"ensemble members disagree on vocabulary size {sorted(vocab_sizes)} "
                              f"or feature size {sorted(feature_dims)}")
+        if len({m.reads_grid for m in members}) > 1:
+            raise ValueError("ensemble members read different features: attention decoders (region grids) "
+                             "cannot be mixed with pooled-feature ones")
         self.members = nn.ModuleList(members)
         self.vocab_size, self.feature_dim = vocab_sizes.pop(), feature_dims.pop()
+        self.reads_grid = members[0].reads_grid
 
     def init_state(self, features: torch.Tensor) -> tuple:
         return tuple(m.init_state(features) for m in self.members)

@@ -15,6 +15,7 @@ from captioner.config import validate
 from captioner.datasets import load_records
 from captioner.encoders import encoder_from_config
 from captioner.features import SplitFeatures, all_split_features, extraction_options, feature_cache_dir
+from captioner.models import reads_grid
 from captioner.runtime import resolve_device, seed_everything
 
 log = logging.getLogger("captioner.extract")
@@ -24,7 +25,7 @@ def extract(cfg: DictConfig) -> dict[str, SplitFeatures]:
     validate(cfg)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)  # as train does: random (pretrained=false) weights then match its cache
-    encoder = encoder_from_config(cfg.encoder)  # (first: weights that cannot be had fail before the data work)
+    encoder = encoder_from_config(cfg.encoder, grid=reads_grid(cfg.model))  # (first: weights that cannot be had fail before the data work)
     records = load_records(cfg.data)
     results = all_split_features(
         encoder, records, feature_cache_dir(cfg.data, cfg.encoder), device=device, **extraction_options(cfg.encoder),
@@ -32,7 +33,7 @@ def extract(cfg: DictConfig) -> dict[str, SplitFeatures]:
     for split, r in results.items():
         done = f"computed {r.computed} in {r.seconds:.1f}s, {r.images_per_s:.1f} images/s" if r.computed else "cached"
         skipped = f", {len(r.skipped)} unreadable skipped" if r.skipped else ""
-        print(f"{split}: {len(r.records)} images x {r.features.shape[1]} {r.features.dtype} "
+        print(f"{split}: {len(r.records)} images x {' x '.join(map(str, r.features.shape[1:]))} {r.features.dtype} "
               f"({done}{skipped}) -> {r.features.filename}")
     computed, seconds = sum(r.computed for r in results.values()), sum(r.seconds for r in results.values())
     if computed:

@@ -1,7 +1,8 @@
 """Image features: computed once per split and encoder, cached on disk, memory-mapped on reuse.
 
-Files in the cache directory, per ``<encoder>_<split>``:
-  ``.npy``           the features [rows, D] (float16 by default), memory-mapped when read
+Files in the cache directory, per ``<encoder>_<split>`` (``<encoder>_grid_<split>`` for a grid):
+  ``.npy``           the features [rows, D], or [rows, regions, D] for a grid (float16 by default),
+                     memory-mapped when read
   ``.json``          its manifest: what was computed (encoder, weights fingerprint, transform, image
                      list hash, dtype, dim) and which unreadable images were skipped
   ``.partial.npy``   an extraction in progress, with ``.partial.json`` recording the rows done;
@@ -118,6 +119,7 @@ def images_fingerprint(records: Sequence[ImageRecord]) -> str:
 
 def manifest_for(encoder, records: Sequence[ImageRecord], dtype: str, fingerprint: Optional[str] = None) -> dict:
     """Everything the cached values depend on; a cache is reused only when this matches exactly."""
+    grid = {"regions": encoder.feature_shape[0]} if encoder.grid else {}
     return {
         "format": FORMAT_VERSION,
         "encoder": encoder.name,
@@ -127,6 +129,7 @@ def manifest_for(encoder, records: Sequence[ImageRecord], dtype: str, fingerprin
         "images_sha1": images_fingerprint(records),
         "dtype": dtype,
         "feature_dim": encoder.feature_dim,
+        **grid,
     }
 
 
@@ -137,7 +140,7 @@ class SplitFeatures:
     """One split's features. Row i of ``features`` is ``records[i]``: in skip mode the unreadable
     images are dropped from both, so use these records, not the ones passed in."""
 
-    features: np.ndarray  # [len(records), D], read-only memory map
+    features: np.ndarray  # [len(records), D] or [len(records), regions, D], read-only memory map
     records: list[ImageRecord]
     skipped: list[dict] = field(default_factory=list)  # {"index", "path", "error"} of dropped images
     computed: int = 0  # images encoded by this call (0 when the cache was reused)
@@ -187,12 +190,12 @@ def open_cache(path: str | Path, mode: str = "r") -> np.memmap:
     return array
 
 
-def _open_array(path: Path, rows: int, dim: int, dtype: str, mode: str = "r") -> Optional[np.ndarray]:
+def _open_array(path: Path, shape: tuple[int, ...], dtype: str, mode: str = "r") -> Optional[np.ndarray]:
     try:
         array = open_cache(path, mode)
     except (OSError, ValueError):
         return None
-    return array if array.shape == (rows, dim) and array.dtype == np.dtype(dtype) else None
+    return array if array.shape == shape and array.dtype == np.dtype(dtype) else None
 
 
 def _fsync(path: Path) -> None:
@@ -218,6 +221,7 @@ def split_features(encoder, records: Sequence[ImageRecord], cache_dir: str | Pat
     final, manifest_path = cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json"
     partial, progress_path = cache_dir / f"{stem}.partial.npy", cache_dir / f"{stem}.partial.json"
     key = manifest_for(encoder, records, dtype, fingerprint)
+    item_shape = encoder.feature_shape
 
     def finish(skipped: list[dict], features: np.ndarray, computed=0, seconds=0.0) -> SplitFeatures:
         if skipped and on_bad_image == "error":
@@ -236,17 +240,17 @@ def split_features(encoder, records: Sequence[ImageRecord], cache_dir: str | Pat
         saved = _read_json(manifest_path)
         if saved is not None and {k: saved.get(k) for k in key} == key:
             skipped = saved.get("skipped", [])
-            array = _open_array(final, len(records) - len(skipped), key["feature_dim"], dtype)
+            array = _open_array(final, (len(records) - len(skipped), *item_shape), dtype)
             if array is not None:
                 return finish(skipped, array)
 
         state = _read_json(progress_path)
         out = None
         if state is not None and state.get("manifest") == key:
-            out = _open_array(partial, len(records), key["feature_dim"], dtype, mode="r+")
+            out = _open_array(partial, (len(records), *item_shape), dtype, mode="r+")
         if out is None:
             state = {"manifest": key, "done": 0, "rows": 0, "skipped": []}
-            out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=(len(records), key["feature_dim"]))
+            out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=(len(records), *item_shape))
             atomic_write_text(progress_path, json.dumps(state))
         elif state["done"]:
             log.info("split %s: resuming %s features at image %d of %d", split, encoder.name, state["done"], len(records))
@@ -291,7 +295,7 @@ def split_features(encoder, records: Sequence[ImageRecord], cache_dir: str | Pat
             os.replace(partial, final)
         else:  # skipped images: copy the filled rows into an array of the right length
             with atomic_path(final) as tmp:
-                dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, key["feature_dim"]))
+                dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, *item_shape))
                 for s in range(0, rows, 1 << 16):
                     dst[s : s + (1 << 16)] = out[s : min(s + (1 << 16), rows)]
                 dst.flush()
@@ -313,11 +317,11 @@ def all_split_features(encoder, records: dict[str, Sequence[ImageRecord]], cache
 
 def compute_features(encoder, records: Sequence[ImageRecord], *, dtype: str = "float16", batch_size: int = 32,
                      num_workers: int = 0, device: str | torch.device = "cpu") -> np.ndarray:
-    """Features [len(records), D] computed now, in memory, not cached: for an encoder whose weights
+    """Features [len(records), *encoder.feature_shape] computed now, in memory, not cached: for an encoder whose weights
     change (fine-tuning) or were fine-tuned (a checkpoint's own encoder), which a cache keyed by the
     original weights does not describe. Rounded to ``dtype`` as the cache is, so decoding them gives
     the captions ``Captioner`` gives; any unreadable image is an error."""
-    out = np.zeros((len(records), encoder.feature_dim), dtype=np.float32)
+    out = np.zeros((len(records), *encoder.feature_shape), dtype=np.float32)
     for indices, feats, bad in encode_images(encoder, [r.path for r in records], batch_size, num_workers, device):
         if bad:
             raise BadImageError(bad[0][1])

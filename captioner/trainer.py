@@ -31,7 +31,7 @@ from captioner.engine import CaptionBatches, evaluate, train_one_epoch
 from captioner.features import all_split_features, extraction_options, feature_cache_dir
 from captioner.finetune import EncoderFineTuning
 from captioner.history import plot_history, write_metrics
-from captioner.models import build_model
+from captioner.models import build_model, reads_grid
 from captioner.objectives import ObjectiveContext, build_objective
 from captioner.optim import build_optimizer, build_scheduler
 from captioner.precision import Precision, compile_loss
@@ -142,7 +142,7 @@ def prepare(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, out_di
     log.info("device %s%s, outputs in %s", device, f" x {ctx.world_size} processes" if ctx.enabled else "", out_dir)
 
     with ctx.local_first():  # local rank 0 generates/reads the data set and builds the cache first
-        encoder = encoder_from_config(cfg.encoder)  # (first: weights that cannot be had fail before the data work)
+        encoder = encoder_from_config(cfg.encoder, grid=reads_grid(cfg.model))  # (first: weights that cannot be had fail before the data work)
         records = drop_empty_captions(load_records(cfg.data))
         if not records.get("train"):
             raise ValueError(f"data.name={cfg.data.name}: the training split has no captioned images")
@@ -166,7 +166,7 @@ def prepare(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, out_di
     # Seeded again here: building the feature cache draws from the global RNG (DataLoader seeds),
     # reading it does not, and the model must not depend on which of the two happened.
     seed_everything(cfg.train.seed)
-    feature_dim = int(features["train"].shape[1])
+    feature_dim = int(features["train"].shape[-1])
     model = build_model(cfg.model, len(vocab), feature_dim).to(device)
     if start is not None:
         load_weights(start, cfg.train.init_from, model, feature_dim, OmegaConf.to_container(cfg.model, resolve=True))

@@ -187,3 +187,32 @@ def test_encoder_from_config_reads_configs_saved_before_the_size_keys():
     assert encoder_from_config(old).cache_name == "efficientnet_lite0"
     new = OmegaConf.create({"name": "efficientnet_lite0", "pretrained": False, "weights": None, "input_size": 160})
     assert encoder_from_config(new).transform_spec()["crop"] == 160
+
+
+GRID_SHAPES = {"vgg16": (14 * 14, 512), "vgg19": (14 * 14, 512), "resnet50": (49, 2048), "resnet101": (49, 2048),
+               "resnet152": (49, 2048), "efficientnet_lite0": (49, 1280)}
+
+
+@pytest.mark.parametrize("name", sorted(ENCODER_DIMS))
+def test_every_encoder_gives_its_grid(name):
+    """The last convolutional map as regions: [B, regions, channels], row-major; for the ResNets
+    and Lite0 the pooled feature is the mean of the regions."""
+    torch.manual_seed(0)
+    grid = build_encoder(name, pretrained=False, grid=True)
+    assert grid.grid and grid.feature_shape == GRID_SHAPES[name] and grid.cache_name == f"{name}_grid"
+    x = grid.transform(_photo())[None].repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        regions = grid(x)
+    assert regions.shape == (2, *GRID_SHAPES[name]) and grid.feature_dim == GRID_SHAPES[name][1]
+    if grid.pooled_is_grid_mean:
+        torch.manual_seed(0)
+        pooled = build_encoder(name, pretrained=False)
+        with torch.no_grad():
+            torch.testing.assert_close(regions.mean(dim=1), pooled(x), rtol=1e-4, atol=1e-5)
+    else:  # VGG: conv5_3 after ReLU
+        assert (regions >= 0).all()
+
+
+def test_lite0_grid_at_288_pixels_is_9_by_9():
+    encoder = build_encoder("efficientnet_lite0", pretrained=False, input_size=288, crop_pct=1.0, grid=True)
+    assert encoder.feature_shape == (81, 1280) and encoder.cache_name == "efficientnet_lite0_r288c288_grid"

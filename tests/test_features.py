@@ -206,3 +206,35 @@ def test_another_image_size_gets_its_own_cache_beside_the_standard_one(tmp_path,
     again = tiny_encoder()  # the standard cache is still there, and reused
     np.testing.assert_array_equal(split_features(again, images, cache, "train", progress=False).features, standard)
     assert again.net.batches == 0
+
+
+class CountingGridNet(CountingNet):
+    def feature_map(self, x):
+        self.images += len(x)
+        return torch.relu(self.conv(x))
+
+
+def test_grid_cache_is_reused_and_invalidated(tmp_path, images):
+    """A grid encoder's cache: [images, regions, channels] under its own name, beside the pooled one."""
+    torch.manual_seed(0)
+    net = CountingGridNet()
+    encoder = Encoder("tiny", net, 6, TINY_SPEC, trunk=lambda n, x: n.feature_map(x))
+    assert encoder.feature_shape == (49, 6)  # 16 pixels, 3x3 conv with stride 2
+    cache = tmp_path / "cache"
+    first = split_features(encoder, images, cache, "train", batch_size=4, progress=False)
+    assert first.features.shape == (10, 49, 6) and first.computed == 10
+    with torch.no_grad():
+        expected = torch.stack([encoder.transform(Image.open(r.path)) for r in images])
+        expected = encoder(expected).numpy()
+    np.testing.assert_allclose(first.features, expected, rtol=2e-3, atol=1e-4)
+    manifest = json.loads((cache / "tiny_grid_train.json").read_text())
+    assert manifest["regions"] == 49 and manifest["feature_dim"] == 6
+
+    encoder.net.images = 0
+    assert split_features(encoder, images, cache, "train", progress=False).computed == 0
+    pooled = Encoder("tiny", net, 6, TINY_SPEC)  # the pooled cache is another file, not this one
+    assert split_features(pooled, images, cache, "train", progress=False).features.shape == (10, 6)
+    with torch.no_grad():
+        net.conv.bias.add_(1e-3)
+    assert split_features(encoder, images, cache, "train", progress=False).computed == 10
+    assert {p.name for p in cache.glob("*.npy")} == {"tiny_train.npy", "tiny_grid_train.npy"}

@@ -4,8 +4,8 @@ Each module of this package defines one decoder class, decorated with
 ``@MODELS.register(name, Schema)`` where ``Schema`` is its config dataclass (a subclass of
 ``captioner.config.ModelConfig``); ``conf/model/<name>.yaml`` selects it. Every decoder speaks
 the one-step decoding protocol (``init_state`` / ``step`` / ``reorder_state``), has
-``loss(features, tokens, label_smoothing)`` for teacher forcing and ``from_config(cfg,
-vocab_size, feature_dim)``, so decoding, objectives, ensembles and checkpoints work for each
+``loss(features, tokens, label_smoothing)`` for teacher forcing, ``from_config(cfg,
+vocab_size, feature_dim)`` and ``reads_grid`` (pooled [B, D] or region [B, regions, D] features), so decoding, objectives, ensembles and checkpoints work for each
 unchanged. Adding a model is one module here plus its config file.
 """
 from __future__ import annotations
@@ -17,7 +17,16 @@ from captioner.registry import Registry
 MODELS = Registry("model", __name__)
 
 
+def _model_class(model_cfg) -> type:
+    return MODELS.get(model_cfg.get("name") or "show_tell")  # checkpoints written before model.name existed
+
+
 def build_model(model_cfg, vocab_size: int, feature_dim: int) -> nn.Module:
     """The decoder a ``model`` config node describes."""
-    name = model_cfg.get("name") or "show_tell"  # checkpoints written before model.name existed
-    return MODELS.get(name).from_config(model_cfg, vocab_size, feature_dim)
+    return _model_class(model_cfg).from_config(model_cfg, vocab_size, feature_dim)
+
+
+def reads_grid(model_cfg) -> bool:
+    """Whether that decoder reads a grid of region features [B, regions, D] (attention) rather
+    than one pooled vector [B, D]: what the encoder and the feature cache must give it."""
+    return _model_class(model_cfg).reads_grid

@@ -60,6 +60,7 @@ class DecoderState(NamedTuple):
 
 @MODELS.register("show_tell", ShowTellConfig)
 class ShowTell(nn.Module):
+    reads_grid = False
     def __init__(
         self,
         vocab_size: int,
