@@ -1,12 +1,14 @@
 """Caption a folder of images with a trained checkpoint.
 
     python -m captioner.caption FOLDER checkpoint=PATH [decode=beam decode.beam_size=5 ...]
-                                [html=true] [output=captions.json]
+                                [html=true] [attention=true] [output=captions.json]
 
 Finds images under FOLDER recursively, captions them in batches and writes ``captions.json``
 (the COCO results format, ``[{"image_id", "caption"}]``, plus ``file_name`` relative to FOLDER,
 ``score``, and ``n_best`` when ``decode.n_best > 1``); ``html=true`` also writes a self-contained
-gallery page beside it. Unreadable files are skipped with one warning line each and listed at
+gallery page beside it, which for an attention decoder shows each word of a caption with where
+the model looked (``captioner.attention``); ``attention=true`` writes the same strip as one PNG
+per image into ``<output stem>_attention/``. Unreadable files are skipped with one warning line each and listed at
 the end; a run with nothing to caption exits non-zero with one line.
 
 From Python, the same path::
@@ -70,22 +72,38 @@ class Captioner:
         return cls(restored.model, restored.vocab, restored.encoder, device,
                    OmegaConf.select(restored.config, "encoder.cache_dtype", default="float32"))
 
+    @property
+    def attends(self) -> bool:
+        """Whether the decoder attends over image regions (and so has attention maps to show)."""
+        return bool(getattr(self.model, "reads_grid", False))
+
+    def view(self, image: Image.Image) -> Image.Image:
+        """The part of ``image`` the encoder reads (resized, centre-cropped): what attention maps cover."""
+        from torchvision.transforms.functional import to_pil_image
+
+        return to_pil_image(self.encoder.crop(image.convert("RGB")))
+
     @torch.no_grad()
     def caption_images(self, images: Sequence[str | Path | Image.Image], decode: Any = None, *,
                        batch_size: int = 16, num_workers: int = 0, progress: bool = False,
-                       on_error: Optional[Callable[[int, str], None]] = None, **decode_options) -> list[dict]:
+                       on_error: Optional[Callable[[int, str], None]] = None, attention: bool = False,
+                       **decode_options) -> list[dict]:
         """One dict per input, in order: ``{"file_name", "caption", "score"}`` (plus ``n_best``:
         ``[{"caption", "score"}]`` when ``n_best > 1``), or ``{"file_name", "error"}`` for an
         input that cannot be read. Inputs are paths or PIL images (``file_name`` is then the file
         it was opened from, or None). ``decode`` and ``decode_options`` are ``decode`` config
         fields (method, beam_size, ...); the defaults are ``DecodeConfig``'s (greedy).
-        ``on_error(index, message)`` is called as each unreadable input is found."""
+        ``on_error(index, message)`` is called as each unreadable input is found. ``attention``
+        (an attention decoder) adds "words" and "attention", each word's map over the regions."""
         from tqdm import tqdm
 
         from captioner.engine import decode_features
         from captioner.features import encode_images
 
         cfg = decode_config(decode, **decode_options)
+        if attention and not self.attends:
+            raise CaptionError(f"attention maps need an attention decoder (model.name=show_attend_tell); this "
+                               f"checkpoint's is {type(self.model).__name__}")
         images = list(images)
         results: list[Optional[dict]] = [None] * len(images)
 
@@ -104,7 +122,8 @@ class Captioner:
                         on_error(index, error)
                 if feats is not None:
                     rows = feats.to(self.feature_dtype).cpu().numpy()  # the cache's precision
-                    for index, item in zip(indices, decode_features(self.model, rows, self.vocab, cfg, self.device)):
+                    decoded = decode_features(self.model, rows, self.vocab, cfg, self.device, attention=attention)
+                    for index, item in zip(indices, decoded):
                         item.pop("row")
                         results[index] = {"file_name": name(index), **item}
                 bar.update(len(indices) + len(bad))
@@ -148,10 +167,14 @@ def caption_folder(cfg: DictConfig) -> dict:
     def on_error(index: int, error: str) -> None:  # the loader's message repeats the path: say it once
         _warn(f"skipped {rel[index]}: {error.removeprefix(f'cannot read image {paths[index]}: ')}")
 
+    if cfg.attention and not captioner.attends:
+        raise CaptionError(f"attention=true needs an attention checkpoint (model.name=show_attend_tell); "
+                           f"{cfg.checkpoint} is {type(captioner.model).__name__}")
+    attention = captioner.attends and (cfg.html or cfg.attention)
     results = captioner.caption_images(paths, cfg.decode, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                       progress=cfg.progress, on_error=on_error)
+                                       progress=cfg.progress, on_error=on_error, attention=attention)
 
-    captions, skipped = [], []
+    captions, skipped, maps = [], [], {}
     for image_id, (name, result) in enumerate(zip(rel, results)):
         if "error" in result:
             skipped.append(name)
@@ -160,27 +183,49 @@ def caption_folder(cfg: DictConfig) -> dict:
         if "n_best" in result:
             entry["n_best"] = result["n_best"]
         captions.append(entry)
+        if attention:
+            maps[name] = (result["words"], result["attention"])
     if not captions:
         raise CaptionError(f"none of the {len(paths)} image files under {folder} could be read "
                            f"(first: {skipped[0]})")
 
     output = Path(cfg.output)
     atomic_write_text(output, json.dumps(captions, indent=1, ensure_ascii=False) + "\n")
-    page = None
+    page, strips = None, None
     if cfg.html:
         from captioner.gallery import write_gallery
 
         good = [folder / c["file_name"] for c in captions]
         method = cfg.decode.method + (f", beam {cfg.decode.beam_size}" if cfg.decode.method == "beam" else "")
-        page = write_gallery(output.with_suffix(".html"), captions, good, title=f"Captions: {folder.name or folder}",
+        attended = [{**c, "attention": maps[c["file_name"]]} for c in captions] if attention else captions
+        page = write_gallery(output.with_suffix(".html"), attended, good, title=f"Captions: {folder.name or folder}",
                              subtitle=f"{len(captions)} images, checkpoint {cfg.checkpoint}, decode {method}",
-                             skipped=skipped, size=cfg.thumbnail_size)
+                             skipped=skipped, size=cfg.thumbnail_size, view=captioner.view if attention else None)
+    if cfg.attention:
+        strips = write_strips(output.parent / f"{output.stem}_attention", folder, maps, captioner.view)
     return {"captions": captions, "skipped": skipped, "ignored": [p.relative_to(folder).as_posix() for p in others],
-            "output": output, "html": page, "seconds": time.perf_counter() - start}
+            "output": output, "html": page, "attention": strips, "seconds": time.perf_counter() - start}
+
+
+def write_strips(directory: Path, folder: Path, maps: dict, view: Callable[[Image.Image], Image.Image]) -> Path:
+    """One PNG per captioned image, named after its ``folder``-relative path ("/" as "__", then
+".png": photo.jpg -> photo.jpg.png, so photo.jpg and photo.png stay apart): its attention strip."""
+    from captioner.attention import strip
+    from captioner.images import BadImageError, load_image
+    from captioner.io import atomic_path
+
+    for name, (words, weights) in maps.items():
+        try:
+            image = strip(view(load_image(folder / name)), words, weights)
+        except BadImageError:  # changed since it was captioned
+            continue
+        with atomic_path(directory / (name.replace("/", "__") + ".png")) as tmp:
+            image.save(tmp, format="PNG")
+    return directory
 
 
 def _summary(summary: dict) -> str:
-    written = ", ".join(str(p) for p in (summary["output"], summary["html"]) if p)
+    written = ", ".join(str(p) for p in (summary["output"], summary["html"], summary["attention"]) if p)
     total = len(summary["captions"]) + len(summary["skipped"])
     lines = [f"captioned {len(summary['captions'])} of {total} images in {summary['seconds']:.1f}s -> {written}"]
     if summary["skipped"]:

@@ -258,7 +258,8 @@ class CaptionRunConfig:
     folder: Optional[str] = None  # also accepted as the first argument
     checkpoint: Optional[str] = None  # a .pt written by training (best.pt or last.pt)
     output: str = "captions.json"
-    html: bool = False  # also write a gallery page: output with .html
+    html: bool = False  # also write a gallery page: output with .html (attention decoders: with their maps)
+    attention: bool = False  # attention decoders: one PNG per image of its words and maps, in <output stem>_attention/
     thumbnail_size: int = at_least(256, 16)  # gallery thumbnails: longer side in pixels
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = at_least(16, 1)  # images per encoder batch

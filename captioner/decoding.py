@@ -89,6 +89,14 @@ def _decode_one_path(model, features, max_length, choose, ban_unk, block_trigram
     return DecodeOutput(sequences, scores.tolist())
 
 
+def as_tokens(sequences: list[list[int]], device=None) -> torch.Tensor:
+    """<bos> w1 .. wn <eos>, padded, for each caption: the teacher-forcing input of decoded captions."""
+    tokens = torch.full((len(sequences), max(map(len, sequences)) + 2), PAD_ID, dtype=torch.long)
+    for i, words in enumerate(sequences):
+        tokens[i, : len(words) + 2] = torch.tensor([BOS_ID, *words, EOS_ID])
+    return tokens.to(device)
+
+
 def _words(seq: list[int]) -> list[int]:
     return seq[: seq.index(EOS_ID)] if EOS_ID in seq else seq
 

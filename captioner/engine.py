@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from captioner.datasets import ImageRecord
+from captioner.decoding import as_tokens
 from captioner.objectives import Batch, ObjectiveOutput
 from captioner.precision import Precision
-from captioner.vocab import BOS_ID, PAD_ID, Vocabulary
+from captioner.vocab import BOS_ID, EOS, PAD_ID, Vocabulary
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -159,8 +160,10 @@ def train_one_epoch(model, optimizer, scheduler, batches, device, grad_clip: flo
 
 @torch.no_grad()
 def decode_features(model, features: np.ndarray, vocab: Vocabulary, decode_cfg, device,
-                    progress: bool = False) -> list[dict]:
-    """Captions for every row of ``features``: [{"row", "caption", "score", "n_best"?}]."""
+                    progress: bool = False, attention: bool = False) -> list[dict]:
+    """Captions for every row of ``features``: [{"row", "caption", "score", "n_best"?}]; with
+    ``attention`` (an attention decoder) also "words" (the caption's, then <eos>) and "attention",
+    the weights [len(words), regions] the model gave the regions before each."""
     from tqdm import tqdm
 
     model.eval()
@@ -170,10 +173,14 @@ def decode_features(model, features: np.ndarray, vocab: Vocabulary, decode_cfg, 
     for start in tqdm(range(0, len(features), batch_size), desc="decoding", disable=not progress, leave=False):
         batch = torch.from_numpy(np.asarray(features[start : start + batch_size], dtype=np.float32)).to(device)
         out = model.generate(batch, method=decode_cfg.method, **options)
+        maps = model.attention_maps(batch, as_tokens(out.sequences, device)).cpu().numpy() if attention else None
         for i, (seq, score) in enumerate(zip(out.sequences, out.scores)):
             item = {"row": start + i, "caption": vocab.decode(seq), "score": float(score)}
             if out.n_best is not None:
                 item["n_best"] = [{"caption": vocab.decode(s), "score": float(sc)} for s, sc in out.n_best[i]]
+            if maps is not None:
+                item["words"] = [vocab.itos[w] for w in seq] + [EOS]
+                item["attention"] = maps[i, : len(seq) + 1]
             outputs.append(item)
     return outputs
 

@@ -1,4 +1,5 @@
-"""A self-contained HTML page of thumbnails and their captions (like NeuralTalk2's viewer).
+"""A self-contained HTML page of thumbnails and their captions (like NeuralTalk2's viewer); for an
+attention decoder, under each caption its words, each over the image lit where the model looked.
 
 Thumbnails are embedded as base64 JPEG data URIs and the style is inline, so the one file opens
 offline, can be mailed or attached to a report, and never points at images that moved.
@@ -9,7 +10,7 @@ import base64
 import html
 import io
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from PIL import Image
 
@@ -26,6 +27,8 @@ figure img { display: block; margin: 0 auto 6px; max-width: 100%%; height: auto;
 figcaption .caption { font-size: 1.05em; }
 figcaption .file { color: #888; font-size: .8em; word-break: break-all; margin-top: 4px; }
 figcaption ol { color: #555; font-size: .85em; margin: 6px 0 0; padding-left: 1.4em; }
+.words { display: flex; flex-wrap: wrap; gap: 4px; margin-top: 6px; }
+.words figure { width: auto; padding: 0; border: 0; font-size: .8em; text-align: center; }
 .skipped { margin-top: 2em; color: #a33; }
 """
 
@@ -39,10 +42,19 @@ def thumbnail_data_uri(image: Image.Image, size: int = 256, quality: int = 85) -
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), thumb.width, thumb.height
 
 
+def word_tiles(view: Image.Image, words: Sequence[str], maps, size: int = 64) -> list[dict]:
+    """[{"word", "thumbnail"}]: each word's attention tile (``captioner.attention.tile``) as a data URI."""
+    from captioner.attention import tile
+
+    return [{"word": word, "thumbnail": thumbnail_data_uri(tile(view, weights, size), size)[0]}
+            for word, weights in zip(words, maps)]
+
+
 def render_gallery(items: Sequence[dict], title: str = "Captions", subtitle: str = "",
                    skipped: Sequence[str] = (), size: int = 256) -> str:
     """The page for ``items``: dicts with ``thumbnail`` (a data URI), ``width``, ``height``,
-    ``caption`` and optionally ``file_name``, ``score`` and ``n_best`` ([{"caption", "score"}])."""
+    ``caption`` and optionally ``file_name``, ``score``, ``n_best`` ([{"caption", "score"}]) and
+    ``words`` (``word_tiles``)."""
     esc = html.escape
     figures = []
     for item in items:
@@ -51,12 +63,15 @@ def render_gallery(items: Sequence[dict], title: str = "Captions", subtitle: str
             details.append(f"score {item['score']:.3f}")
         n_best = "".join(f"<li>{esc(c['caption'])} <small>({c['score']:.3f})</small></li>"
                          for c in item.get("n_best") or [])
+        words = "".join(f'<figure><img src="{w["thumbnail"]}" alt="{esc(w["word"])}"><div>{esc(w["word"])}</div>'
+                        "</figure>" for w in item.get("words") or [])
         figures.append(
             f'<figure><img src="{item["thumbnail"]}" width="{item["width"]}" height="{item["height"]}" '
             f'alt="{esc(item["caption"])}">'
             f'<figcaption><div class="caption">{esc(item["caption"])}</div>'
             f'<div class="file">{" · ".join(details)}</div>'
-            + (f"<ol>{n_best}</ol>" if n_best else "") + "</figcaption></figure>"
+            + (f"<ol>{n_best}</ol>" if n_best else "") + (f'<div class="words">{words}</div>' if words else "")
+            + "</figcaption></figure>"
         )
     skipped_html = ""
     if skipped:
@@ -72,15 +87,21 @@ def render_gallery(items: Sequence[dict], title: str = "Captions", subtitle: str
 
 
 def write_gallery(path: str | Path, results: Sequence[dict], images: Sequence, title: str = "Captions",
-                  subtitle: str = "", skipped: Sequence[str] = (), size: int = 256) -> Optional[Path]:
+                  subtitle: str = "", skipped: Sequence[str] = (), size: int = 256,
+                  view: Optional[Callable[[Image.Image], Image.Image]] = None) -> Optional[Path]:
     """Write the page for ``results`` (caption dicts) of ``images`` (paths or PIL images, same
-    order), atomically. An image that cannot be read again is left out."""
+    order), atomically. An image that cannot be read again is left out. A result with
+    "attention" ((words, maps)) gets its word tiles over ``view(image)``, the crop the encoder read."""
     items = []
     for result, image in zip(results, images):
         try:
-            uri, width, height = thumbnail_data_uri(load_image(image), size)  # EXIF-rotated, RGB
+            image = load_image(image)  # EXIF-rotated, RGB
         except BadImageError:  # e.g. deleted or overwritten since it was captioned
             continue
-        items.append({**result, "thumbnail": uri, "width": width, "height": height})
+        uri, width, height = thumbnail_data_uri(image, size)
+        item = {k: v for k, v in result.items() if k != "attention"}
+        if result.get("attention") is not None:
+            item["words"] = word_tiles(view(image), *result["attention"])
+        items.append({**item, "thumbnail": uri, "width": width, "height": height})
     atomic_write_text(path, render_gallery(items, title, subtitle, skipped, size))
     return Path(path)

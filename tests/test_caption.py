@@ -29,19 +29,37 @@ GOOD = ["exif_rotated.jpg", "gray.png", "palette.gif", "rgba.png", "cmyk.jpg", "
 BAD = ["truncated.jpg", "not_an_image.jpg", "empty.png"]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def untrained_checkpoint(path: Path, *overrides) -> Path:
     """A checkpoint in the format training writes, with nothing trained: random decoder weights and
     an encoder with random weights (encoder.pretrained=false), so no download is needed."""
-    cfg = compose_config("train", ["encoder.pretrained=false", "model.embed_dim=16", "model.hidden_dim=24"])
+    cfg = compose_config("train", ["encoder.pretrained=false", "model.embed_dim=16", "model.hidden_dim=24", *overrides])
     vocab = Vocabulary([*SPECIALS, "a", "red", "blue", "square", "circle", "on", "the", "left"])
     torch.manual_seed(0)
     feature_dim = ENCODER_DIMS[cfg.encoder.name]
     model = build_model(cfg.model, len(vocab), feature_dim)
-    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
     save_checkpoint(path, {"config": OmegaConf.to_container(cfg, resolve=True), "vocab": vocab.to_dict(),
                            "model": model.state_dict(), "feature_dim": feature_dim, "step": 0, "epoch": 0})
     return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt")
+
+
+def loaded_images(page: Path, tmp_path: Path) -> str:
+    """"loaded/total" of the images of ``page`` as headless Chromium renders it, offline."""
+    probe = """<script>addEventListener('load', () => { const all = [...document.images];
+      document.body.setAttribute('data-loaded', all.filter(i => i.complete && i.naturalWidth > 0).length
+        + '/' + all.length); });</script>"""
+    copy = tmp_path / "probe.html"
+    copy.write_text(page.read_text().replace("</body>", probe + "</body>"))
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         "--dump-dom", copy.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+    return dom
 
 
 def make_folder(root: Path) -> Path:
@@ -178,17 +196,34 @@ def test_gallery_renders_in_headless_chromium(tmp_path, checkpoint):
                                      f"output={tmp_path / 'captions.json'}", "decode.max_length=4"])
     summary = caption_folder(cfg)
     assert summary["html"] == tmp_path / "captions.html" and sorted(summary["skipped"]) == sorted(BAD)
-    # a copy of the page that records, once loaded, how many of its images decoded
-    probe = """<script>addEventListener('load', () => { const all = [...document.images];
-      document.body.setAttribute('data-loaded', all.filter(i => i.complete && i.naturalWidth > 0).length
-        + '/' + all.length); });</script>"""
-    page = tmp_path / "probe.html"
-    page.write_text(summary["html"].read_text().replace("</body>", probe + "</body>"))
-    dom = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-         "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
-    shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+    dom = loaded_images(summary["html"], tmp_path)
     assert f'data-loaded="{len(GOOD)}/{len(GOOD)}"' in dom
     for c in summary["captions"]:
         assert c["file_name"] in dom
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs chromium (apt-get install chromium)")
+def test_attention_gallery_and_strips_show_every_word_map(tmp_path):
+    """An attention checkpoint: the page shows each caption word by word over the image, every
+    thumbnail and map loads in Chromium, and attention=true writes one strip PNG per image."""
+    from captioner.caption import CaptionError, caption_folder
+
+    folder = make_folder(tmp_path)
+    checkpoint = untrained_checkpoint(tmp_path / "att.pt", "model=show_attend_tell", "model.attention_dim=8")
+    cfg = compose_config("caption", [f"folder={folder}", f"checkpoint={checkpoint}", "html=true", "attention=true",
+                                     "progress=false", f"output={tmp_path / 'captions.json'}", "decode.max_length=4"])
+    summary = caption_folder(cfg)
+    words = [len(c["caption"].split()) + 1 for c in summary["captions"]]  # each word and <eos> has a map
+    dom = loaded_images(summary["html"], tmp_path)
+    total = len(GOOD) + sum(words)
+    assert f'data-loaded="{total}/{total}"' in dom
+    strips = sorted(p.name for p in summary["attention"].iterdir())
+    assert strips == sorted(n.replace("/", "__") + ".png" for n in GOOD)
+    with Image.open(summary["attention"] / "photo.bmp.png") as png:
+        caption = next(c["caption"] for c in summary["captions"] if c["file_name"] == "photo.bmp")
+        assert png.width == (len(caption.split()) + 2) * (112 + 4)  # the crop, each word, <eos>
+
+    plain = compose_config("caption", [f"folder={folder}", f"checkpoint={untrained_checkpoint(tmp_path / 'st.pt')}",
+                                       "attention=true", f"output={tmp_path / 'plain.json'}", "progress=false"])
+    with pytest.raises(CaptionError, match="attention=true needs an attention checkpoint"):
+        caption_folder(plain)

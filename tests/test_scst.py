@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.decoding import draw
+from captioner.decoding import as_tokens, draw
 from captioner.models.show_tell import ShowTell
 from captioner.objectives import Batch
-from captioner.objectives.scst import _as_tokens, reference_ids
+from captioner.objectives.scst import reference_ids
 from captioner.trainer import train
 from conftest import TINY, compose_config
 from test_resume import assert_same_state, rows
@@ -39,7 +39,7 @@ def test_drawn_captions_depend_on_their_seed_only_and_score_as_teacher_forcing()
     assert alone.sequences[0] == out.sequences[2]
     assert all(len(s) <= 8 for s in out.sequences) and len(set(map(tuple, out.sequences))) > 1
     # the teacher-forced log-probability of each drawn caption is what the step-by-step draw scored
-    logprobs = model.sequence_logprobs(features, _as_tokens(out.sequences, "cpu"))
+    logprobs = model.sequence_logprobs(features, as_tokens(out.sequences, "cpu"))
     torch.testing.assert_close(logprobs, torch.tensor(out.scores), rtol=0, atol=1e-5)
 
 

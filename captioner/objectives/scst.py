@@ -24,7 +24,7 @@ import torch
 from captioner.config import ObjectiveConfig, at_least, choice
 from captioner.objectives import OBJECTIVES, Batch, ObjectiveOutput
 from captioner.tokenizer import tokenize
-from captioner.vocab import BOS_ID, EOS_ID, PAD_ID
+from captioner.vocab import EOS_ID
 
 
 @dataclass
@@ -86,7 +86,7 @@ class SelfCritical:
         return reward
 
     def __call__(self, model, batch: Batch) -> ObjectiveOutput:
-        from captioner.decoding import draw, greedy
+        from captioner.decoding import as_tokens, draw, greedy
 
         k, steps = self.cfg.samples, self.decode.max_length + 1
         features = batch.features.repeat_interleave(k, dim=0)
@@ -96,7 +96,7 @@ class SelfCritical:
         with _dropout(model, self.cfg.dropout):
             drawn = draw(model, features, uniforms.to(features.device), max_length=self.decode.max_length,
                          ban_unk=self.decode.ban_unk)
-            logprobs = model.sequence_logprobs(features, _as_tokens(drawn.sequences, features.device))
+            logprobs = model.sequence_logprobs(features, as_tokens(drawn.sequences, features.device))
             reward = self.rewards([i for i in image_ids for _ in range(k)], drawn.sequences).reshape(-1, k)
             if self.cfg.baseline == "mean":  # each sample against the mean of the image's other samples
                 baseline = (reward.sum(axis=1, keepdims=True) - reward) / (k - 1)
@@ -124,11 +124,3 @@ def reference_ids(vocab, records) -> dict:
         return known if known is not None else rare.setdefault(word, len(vocab) + len(rare))
 
     return {r.image_id: [[word_id(w) for w in tokenize(c)] for c in r.captions] for r in records}
-
-
-def _as_tokens(sequences: list[list[int]], device) -> torch.Tensor:
-    """<bos> w1 .. wn <eos>, padded, for each caption."""
-    tokens = torch.full((len(sequences), max(map(len, sequences)) + 2), PAD_ID, dtype=torch.long)
-    for i, words in enumerate(sequences):
-        tokens[i, : len(words) + 2] = torch.tensor([BOS_ID, *words, EOS_ID])
-    return tokens.to(device)
