@@ -109,14 +109,15 @@ def greedy(model, features: torch.Tensor, *, max_length: int, ban_unk: bool, blo
 
 @torch.no_grad()
 def draw(model, features: torch.Tensor, uniforms: torch.Tensor, *, max_length: int, ban_unk: bool = False,
-         block_trigrams: bool = False) -> DecodeOutput:
-    """Sample each token from the model's distribution by inverse CDF, row i's step t reading
-    ``uniforms[i, t]`` ([N, max_length + 1] in [0, 1)): the randomness is the caller's, so it can
-    be a function of (seed, step, image) rather than of the process or the batch layout."""
+         block_trigrams: bool = False, temperature: float = 1.0) -> DecodeOutput:
+    """Sample each token from the model's distribution (its log-probabilities divided by
+    ``temperature``) by inverse CDF, row i's step t reading ``uniforms[i, t]`` ([N, max_length + 1]
+    in [0, 1)): the randomness is the caller's, so it can be a function of (seed, step, image)
+    rather than of the process or the batch layout."""
     step = iter(range(max_length + 1))
 
     def choose(logprobs):
-        cdf = logprobs.float().exp().cumsum(dim=-1)
+        cdf = (logprobs.float() / temperature).exp().cumsum(dim=-1)
         # (above 0: u = 0 would pick token 0, <pad>, whose probability is 0)
         u = uniforms[:, next(step)].to(cdf)[:, None].clamp(min=1e-12) * cdf[:, -1:]
         return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=cdf.size(1) - 1)

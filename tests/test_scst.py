@@ -14,6 +14,7 @@ from captioner.models.show_tell import ShowTell
 from captioner.objectives import Batch
 from captioner.objectives.scst import reference_ids
 from captioner.trainer import train
+from captioner.vocab import BOS_ID, EOS_ID, PAD_ID
 from conftest import TINY, compose_config
 from test_resume import assert_same_state, rows
 from trainrun import load, one_thread, run, start, wait_for_step  # noqa: F401 (fixture)
@@ -41,6 +42,30 @@ def test_drawn_captions_depend_on_their_seed_only_and_score_as_teacher_forcing()
     # the teacher-forced log-probability of each drawn caption is what the step-by-step draw scored
     logprobs = model.sequence_logprobs(features, as_tokens(out.sequences, "cpu"))
     torch.testing.assert_close(logprobs, torch.tensor(out.scores), rtol=0, atol=1e-5)
+
+
+def test_a_sampling_temperature_is_the_distribution_sampled_and_scored():
+    """At temperature T, draw samples from softmax(logits / T) and sequence_logprobs scores under
+    it: the per-token inverse-CDF choice, replayed by hand, picks the same words."""
+    torch.manual_seed(0)
+    model = ShowTell(V, D, embed_dim=8, hidden_dim=12, dropout=0.0).eval()
+    features, uniforms = torch.randn(4, D), torch.rand(4, 9, generator=torch.Generator().manual_seed(2))
+    cold = draw(model, features, uniforms, max_length=8, temperature=0.5)
+    tokens = as_tokens(cold.sequences, "cpu")
+    with torch.no_grad():
+        logits = model(features, tokens)  # [B, T-1, V]
+    by_hand = []
+    for b, seq in enumerate(cold.sequences):
+        probs = (logits[b] / 0.5).softmax(-1)
+        by_hand.append(sum(float(probs[t, w].log()) for t, w in enumerate([*seq, EOS_ID])))
+    got = model.sequence_logprobs(features, tokens, temperature=0.5)
+    torch.testing.assert_close(got, torch.tensor(by_hand), rtol=0, atol=1e-4)
+    for b, seq in enumerate(cold.sequences):  # each word is where uniforms[b, t] falls in the tempered CDF
+        for t, w in enumerate(seq):
+            probs = (logits[b, t] / 0.5).softmax(-1)
+            probs[[PAD_ID, BOS_ID]] = 0.0  # never emitted
+            cdf = probs.cumsum(-1)
+            assert int(torch.searchsorted(cdf, uniforms[b, t] * cdf[-1])) == w
 
 
 def test_a_sampled_unk_earns_nothing_from_rare_reference_words():

@@ -131,11 +131,12 @@ class ShowAttendTell(nn.Module):
             loss = loss + self.attention_penalty * ((1.0 - coverage) ** 2).sum(dim=1).mean()
         return loss, real.numel()
 
-    def sequence_logprobs(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def sequence_logprobs(self, features: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """log p(caption | image) [B] of each row of ``tokens`` (<bos> w1 .. wn <eos>, padded),
-        <eos> included, in one teacher-forced pass."""
+        <eos> included, in one teacher-forced pass; with ``temperature``, under the distribution
+        whose logits are divided by it (what ``decoding.draw`` samples from)."""
         logits, real, mask, _ = self._real_logits(features, tokens)
-        token_logprobs = -F.cross_entropy(logits.float(), real, reduction="none")
+        token_logprobs = -F.cross_entropy(logits.float() / temperature, real, reduction="none")
         rows = torch.arange(tokens.size(0), device=tokens.device)[:, None].expand_as(mask)[mask]
         return torch.zeros(tokens.size(0), device=tokens.device).index_add_(0, rows, token_logprobs)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from captioner.config import ObjectiveConfig, at_least, choice
+from captioner.config import ObjectiveConfig, above, at_least, choice
 from captioner.objectives import OBJECTIVES, Batch, ObjectiveOutput
 from captioner.tokenizer import tokenize
 from captioner.vocab import EOS_ID
@@ -31,6 +31,10 @@ from captioner.vocab import EOS_ID
 class ScstConfig(ObjectiveConfig):
     name: str = "scst"
     samples: int = at_least(5, 2)  # captions drawn per image
+    # the policy samples from (and is scored under) the model's logits / temperature; < 1 skips
+    # the sharpening a broad cross-entropy model otherwise spends its first SCST epochs on, and
+    # greedy decoding is the same at every temperature
+    temperature: float = above(1.0, 0.0)
     baseline: str = choice("mean", ("mean", "greedy"))
     cider_weight: float = at_least(1.0, 0.0)
     bleu_weight: float = at_least(0.0, 0.0)  # a BLEU-4 term in the reward (the toolkit's per-caption BLEU-4)
@@ -95,8 +99,9 @@ class SelfCritical:
         image_ids = [self.image_ids[row] for row in batch.rows.tolist()]
         with _dropout(model, self.cfg.dropout):
             drawn = draw(model, features, uniforms.to(features.device), max_length=self.decode.max_length,
-                         ban_unk=self.decode.ban_unk)
-            logprobs = model.sequence_logprobs(features, as_tokens(drawn.sequences, features.device))
+                         ban_unk=self.decode.ban_unk, temperature=self.cfg.temperature)
+            logprobs = model.sequence_logprobs(features, as_tokens(drawn.sequences, features.device),
+                                               temperature=self.cfg.temperature)
             reward = self.rewards([i for i in image_ids for _ in range(k)], drawn.sequences).reshape(-1, k)
             if self.cfg.baseline == "mean":  # each sample against the mean of the image's other samples
                 baseline = (reward.sum(axis=1, keepdims=True) - reward) / (k - 1)
