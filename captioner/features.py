@@ -203,6 +203,31 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _pooled_from_grid(grid_stem: Path, key: dict, final: Path, manifest_path: Path):
+    """(skipped, features): the pooled cache written as the mean of a fresh grid cache's regions,
+    for an encoder whose pooled vector is that mean (ResNet, Lite0); None without such a cache.
+    The mean is taken in float32, as the pooled network takes it, then rounded to the cache's
+    dtype (from float16 regions: within float16 rounding of a direct extraction)."""
+    saved = _read_json(grid_stem.with_suffix(".json"))
+    if saved is None or {k: saved.get(k) for k in key} != key or "regions" not in saved:
+        return None
+    rows = saved["num_images"] - len(saved.get("skipped", []))
+    grid = _open_array(grid_stem.with_suffix(".npy"), (rows, saved["regions"], key["feature_dim"]), key["dtype"])
+    if grid is None:
+        return None
+    manifest_path.unlink(missing_ok=True)
+    with atomic_path(final) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=key["dtype"], shape=(rows, key["feature_dim"]))
+        for s in range(0, rows, 1024):
+            out[s : s + 1024] = grid[s : s + 1024].astype(np.float32).mean(axis=1)
+        out.flush()
+        del out
+    skipped = saved.get("skipped", [])
+    atomic_write_text(manifest_path, json.dumps({**key, "rows": rows, "skipped": skipped,
+                                                 "derived_from": grid_stem.name + ".npy"}, indent=1))
+    return skipped, open_cache(final)
+
+
 def split_features(encoder, records: Sequence[ImageRecord], cache_dir: str | Path, split: str, *,
                    dtype: str = "float16", batch_size: int = 32, num_workers: int = 0,
                    device: str | torch.device = "cpu", progress: bool = True, on_bad_image: str = "error",
@@ -243,6 +268,12 @@ def split_features(encoder, records: Sequence[ImageRecord], cache_dir: str | Pat
             array = _open_array(final, (len(records) - len(skipped), *item_shape), dtype)
             if array is not None:
                 return finish(skipped, array)
+        if not encoder.grid and encoder.pooled_is_grid_mean:
+            derived = _pooled_from_grid(cache_dir / f"{encoder.cache_name}_grid_{split}", key, final, manifest_path)
+            if derived is not None:
+                log.info("split %s: %s pooled features = the mean of the cached grid's regions (no CNN pass)",
+                         split, encoder.name)
+                return finish(*derived)
 
         state = _read_json(progress_path)
         out = None

@@ -238,3 +238,23 @@ def test_grid_cache_is_reused_and_invalidated(tmp_path, images):
         net.conv.bias.add_(1e-3)
     assert split_features(encoder, images, cache, "train", progress=False).computed == 10
     assert {p.name for p in cache.glob("*.npy")} == {"tiny_train.npy", "tiny_grid_train.npy"}
+
+
+def test_a_pooled_cache_that_is_the_grid_mean_comes_from_the_grid_cache(tmp_path, images):
+    """ResNet and Lite0 pool by averaging their grid: with the grid cached, the pooled cache is its
+    mean over the regions, written without a CNN pass, within float16 rounding of a direct one."""
+    torch.manual_seed(0)
+    net = CountingGridNet()
+    grid = Encoder("tiny", net, 6, TINY_SPEC, trunk=lambda n, x: n.feature_map(x), pooled_is_grid_mean=True)
+    pooled = Encoder("tiny", net, 6, TINY_SPEC, pooled_is_grid_mean=True)
+    split_features(grid, images, tmp_path / "cache", "val", batch_size=4, progress=False)
+    net.images = 0
+    derived = split_features(pooled, images, tmp_path / "cache", "val", progress=False)
+    assert net.images == 0 and derived.computed == 0 and derived.features.shape == (10, 6)
+    manifest = json.loads((tmp_path / "cache" / "tiny_val.json").read_text())
+    assert manifest["derived_from"] == "tiny_grid_val.npy"
+    direct = split_features(pooled, images, tmp_path / "direct", "val", progress=False)
+    assert direct.computed == 10
+    np.testing.assert_allclose(derived.features.astype(np.float32), direct.features.astype(np.float32),
+                               rtol=2e-3, atol=1e-3)
+    assert split_features(pooled, images, tmp_path / "cache", "val", progress=False).computed == 0  # reused
