@@ -5,8 +5,10 @@ convolutional map). Before each word it scores every region against the previous
 (additive attention: w . tanh(W_r r_i + W_h h)), takes the softmax-weighted mean of the regions,
 scales it by the gating scalar sigmoid(f_beta . h) (the paper's beta: how much the word needs the
 image), and feeds [word embedding; context] to an LSTM cell. The initial state comes from the mean
-region feature. ``attention_penalty`` is the paper's doubly stochastic regularization, lambda x
-sum_i (1 - sum_t alpha_ti)^2: every region attended about once over the caption.
+region feature. ``attention_penalty`` is the paper's doubly stochastic regularization: lambda x
+(1 - sum_t alpha_ti)^2, every region attended about once over the caption, averaged over the
+regions (as sgrvinod's tutorial does; the paper sums them, against a loss summed over the words),
+so that at lambda = 1 it stays below the per-word cross-entropy it is added to.
 
 It speaks the decoding protocol of every decoder (``init_state`` / ``step`` / ``reorder_state``),
 so greedy, sampling, beam search, ensembles and SCST decode it unchanged; each step leaves its
@@ -128,7 +130,7 @@ class ShowAttendTell(nn.Module):
         loss = F.cross_entropy(logits, real, label_smoothing=label_smoothing)
         if self.attention_penalty:
             coverage = (alphas * mask.unsqueeze(2)).sum(dim=1)  # [B, R]: each region's total over the words
-            loss = loss + self.attention_penalty * ((1.0 - coverage) ** 2).sum(dim=1).mean()
+            loss = loss + self.attention_penalty * ((1.0 - coverage) ** 2).mean()
         return loss, real.numel()
 
     def sequence_logprobs(self, features: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
