@@ -105,9 +105,13 @@ class Encoder(nn.Module):
         """The shape of one image's features: (feature_dim,), or (regions, feature_dim) for a grid."""
         if self.trunk is None:
             return (self.feature_dim,)
-        size = self._spec["crop"]
-        with torch.no_grad():  # the map's size follows each network's strides and padding: ask it
-            probe = self.trunk(self.net, torch.zeros(1, 3, size, size, device=next(self.parameters()).device))
+        size, training = self._spec["crop"], self.training
+        self.eval()  # (a probe in training mode would move BatchNorm's running statistics)
+        try:
+            with torch.no_grad():  # the map's size follows each network's strides and padding: ask it
+                probe = self.trunk(self.net, torch.zeros(1, 3, size, size, device=next(self.parameters()).device))
+        finally:
+            self.train(training)
         return (probe.shape[2] * probe.shape[3], self.feature_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
