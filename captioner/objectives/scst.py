@@ -5,7 +5,10 @@ scores each against the image's references with CIDEr-D (document frequencies fr
 split, in the vocabulary's own ids, ``<eos>`` counted as self-critical.pytorch counts it), and
 minimizes -(reward - baseline) x log p(caption), averaged over the samples. The baseline is the
 mean reward of the image's other samples (``mean``, Luo 2020; no extra decode) or the reward of
-a greedy decode (``greedy``, the original SCST).
+a greedy decode (``greedy``, the original SCST). ``temperature`` < 1 makes the policy the model's
+logits / T, sampled from and scored under that: a cross-entropy model's own samples are far worse
+than its greedy captions, and at T = 1 the first epochs go into sharpening the distribution;
+greedy decoding is the same at every temperature.
 
 The samples are drawn without gradients and their log-probabilities computed in one
 teacher-forced pass, which is exact when both passes see the same distribution: so dropout is
