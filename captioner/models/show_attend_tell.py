@@ -3,8 +3,8 @@
 The decoder reads a grid of region features [B, R, D] (``reads_grid``: the encoder's last
 convolutional map). Before each word it scores every region against the previous hidden state
 (additive attention: w . tanh(W_r r_i + W_h h)), takes the softmax-weighted mean of the regions,
-scales it by the gating scalar sigmoid(f_beta . h) (the paper's beta: how much the word needs the
-image), and feeds [word embedding; context] to an LSTM cell. The initial state comes from the mean
+scales it by the gating scalar beta = sigmoid(f_beta . h) (the paper's one number per step: how
+much the word needs the image; sgrvinod's tutorial uses one per channel), and feeds [word embedding; context] to an LSTM cell. The initial state comes from the mean
 region feature. ``attention_penalty`` is the paper's doubly stochastic regularization: lambda x
 (1 - sum_t alpha_ti)^2, every region attended about once over the caption, averaged over the
 regions (as sgrvinod's tutorial does; the paper sums them, against a loss summed over the words),
@@ -31,9 +31,9 @@ from captioner.vocab import PAD_ID
 @dataclass
 class ShowAttendTellConfig(ModelConfig):
     name: str = "show_attend_tell"
-    embed_dim: int = at_least(512, 1)
-    hidden_dim: int = at_least(512, 1)
-    attention_dim: int = at_least(512, 1)
+    embed_dim: int = at_least(256, 1)
+    hidden_dim: int = at_least(256, 1)
+    attention_dim: int = at_least(256, 1)
     dropout: float = between(0.5, 0.0, 1.0)
     gate: bool = True  # the gating scalar beta on the context vector
     attention_penalty: float = at_least(1.0, 0.0)  # lambda of the doubly stochastic regularization; 0: off
@@ -65,7 +65,7 @@ class ShowAttendTell(nn.Module):
         self.region_key = nn.Linear(feature_dim, attention_dim)
         self.hidden_query = nn.Linear(hidden_dim, attention_dim)
         self.score = nn.Linear(attention_dim, 1)
-        self.gate = nn.Linear(hidden_dim, feature_dim) if gate else None
+        self.gate = nn.Linear(hidden_dim, 1) if gate else None
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
         self.cell = nn.LSTMCell(embed_dim + feature_dim, hidden_dim)
         self.dropout = nn.Dropout(dropout)
