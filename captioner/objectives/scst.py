@@ -34,10 +34,7 @@ from captioner.vocab import EOS_ID
 class ScstConfig(ObjectiveConfig):
     name: str = "scst"
     samples: int = at_least(5, 2)  # captions drawn per image
-    # the policy samples from (and is scored under) the model's logits / temperature; < 1 skips
-    # the sharpening a broad cross-entropy model otherwise spends its first SCST epochs on, and
-    # greedy decoding is the same at every temperature
-    temperature: float = above(1.0, 0.0)
+    temperature: float = above(1.0, 0.0)  # the policy is the model's logits / temperature (see above)
     baseline: str = choice("mean", ("mean", "greedy"))
     cider_weight: float = at_least(1.0, 0.0)
     bleu_weight: float = at_least(0.0, 0.0)  # a BLEU-4 term in the reward (the toolkit's per-caption BLEU-4)
