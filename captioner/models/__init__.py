@@ -10,6 +10,8 @@ unchanged. Adding a model is one module here plus its config file.
 """
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from captioner.registry import Registry
@@ -24,6 +26,15 @@ def _model_class(model_cfg) -> type:
 def build_model(model_cfg, vocab_size: int, feature_dim: int) -> nn.Module:
     """The decoder a ``model`` config node describes."""
     return _model_class(model_cfg).from_config(model_cfg, vocab_size, feature_dim)
+
+
+def caption_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """Sum per caption [B] of the log-probabilities of its real target tokens: ``logits`` [n, V]
+    and ``targets`` [n] are the positions where ``mask`` [B, T] is true, in row-major order."""
+    token_logprobs = -F.cross_entropy(logits.float() / temperature, targets, reduction="none")
+    rows = torch.arange(mask.size(0), device=mask.device)[:, None].expand_as(mask)[mask]
+    return torch.zeros(mask.size(0), device=mask.device).index_add_(0, rows, token_logprobs)
 
 
 def reads_grid(model_cfg) -> bool:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioner.config import ModelConfig, at_least, between
-from captioner.models import MODELS
+from captioner.models import MODELS, caption_logprobs
 from captioner.vocab import PAD_ID
 
 
@@ -138,9 +138,7 @@ class ShowAttendTell(nn.Module):
         <eos> included, in one teacher-forced pass; with ``temperature``, under the distribution
         whose logits are divided by it (what ``decoding.draw`` samples from)."""
         logits, real, mask, _ = self._real_logits(features, tokens)
-        token_logprobs = -F.cross_entropy(logits.float() / temperature, real, reduction="none")
-        rows = torch.arange(tokens.size(0), device=tokens.device)[:, None].expand_as(mask)[mask]
-        return torch.zeros(tokens.size(0), device=tokens.device).index_add_(0, rows, token_logprobs)
+        return caption_logprobs(logits, real, mask, temperature)
 
     @torch.no_grad()
     def attention_maps(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

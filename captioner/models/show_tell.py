@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioner.config import ModelConfig, at_least, between, choice
-from captioner.models import MODELS
+from captioner.models import MODELS, caption_logprobs
 from captioner.vocab import PAD_ID
 
 INJECT_MODES = ("first_input", "init_state", "first_step_bias", "every_step")
@@ -163,10 +163,7 @@ class ShowTell(nn.Module):
         """log p(caption | image) [B] of each row of ``tokens`` (<bos> w1 .. wn <eos>, padded),
         <eos> included, in one teacher-forced pass; with ``temperature``, under the distribution
         whose logits are divided by it (what ``decoding.draw`` samples from)."""
-        logits, real, mask = self._real_logits(features, tokens)
-        token_logprobs = -F.cross_entropy(logits.float() / temperature, real, reduction="none")
-        rows = torch.arange(tokens.size(0), device=tokens.device)[:, None].expand_as(mask)[mask]
-        return torch.zeros(tokens.size(0), device=tokens.device).index_add_(0, rows, token_logprobs)
+        return caption_logprobs(*self._real_logits(features, tokens), temperature)
 
     # -- one step at a time, for decoding ------------------------------------------------
     def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
