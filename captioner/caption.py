@@ -8,8 +8,8 @@ Finds images under FOLDER recursively, captions them in batches and writes ``cap
 ``score``, and ``n_best`` when ``decode.n_best > 1``); ``html=true`` also writes a self-contained
 gallery page beside it, which for an attention decoder shows each word of a caption with where
 the model looked (``captioner.attention``); ``attention=true`` writes the same strip as one PNG
-per image into ``<output stem>_attention/``. Unreadable files are skipped with one warning line each and listed at
-the end; a run with nothing to caption exits non-zero with one line.
+per image into ``<output stem>_attention/``. Unreadable files are skipped with one warning line
+each and listed at the end; a run with nothing to caption exits non-zero with one line.
 
 From Python, the same path::
 
@@ -102,8 +102,8 @@ class Captioner:
 
         cfg = decode_config(decode, **decode_options)
         if attention and not self.attends:
-            raise CaptionError(f"attention maps need an attention decoder (model.name=show_attend_tell); this "
-                               f"checkpoint's is {type(self.model).__name__}")
+            raise CaptionError(f"attention=true needs an attention checkpoint (model.name=show_attend_tell); "
+                               f"this one's decoder is {type(self.model).__name__}")
         images = list(images)
         results: list[Optional[dict]] = [None] * len(images)
 
@@ -167,10 +167,7 @@ def caption_folder(cfg: DictConfig) -> dict:
     def on_error(index: int, error: str) -> None:  # the loader's message repeats the path: say it once
         _warn(f"skipped {rel[index]}: {error.removeprefix(f'cannot read image {paths[index]}: ')}")
 
-    if cfg.attention and not captioner.attends:
-        raise CaptionError(f"attention=true needs an attention checkpoint (model.name=show_attend_tell); "
-                           f"{cfg.checkpoint} is {type(captioner.model).__name__}")
-    attention = captioner.attends and (cfg.html or cfg.attention)
+    attention = cfg.attention or (cfg.html and captioner.attends)  # (attention=true alone: refused if it cannot)
     results = captioner.caption_images(paths, cfg.decode, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                        progress=cfg.progress, on_error=on_error, attention=attention)
 
@@ -208,8 +205,8 @@ def caption_folder(cfg: DictConfig) -> dict:
 
 
 def write_strips(directory: Path, folder: Path, maps: dict, view: Callable[[Image.Image], Image.Image]) -> Path:
-    """One PNG per captioned image, named after its ``folder``-relative path ("/" as "__", then
-".png": photo.jpg -> photo.jpg.png, so photo.jpg and photo.png stay apart): its attention strip."""
+    """One PNG per captioned image, its attention strip, named after its ``folder``-relative path
+    ("/" as "__", then ".png": photo.jpg -> photo.jpg.png, so photo.jpg and photo.png stay apart)."""
     from captioner.attention import strip
     from captioner.images import BadImageError, load_image
     from captioner.io import atomic_path

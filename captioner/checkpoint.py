@@ -324,15 +324,13 @@ def restore_encoder(ckpt: dict[str, Any], cfg, device: str | torch.device = "cpu
     from the training seed, as training did, without touching the caller's random state."""
     from omegaconf import OmegaConf
 
-    from captioner.encoders import encoder_from_config
-    from captioner.models import reads_grid
+    from captioner.encoders import run_encoder
 
     enc = cfg.encoder
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(OmegaConf.select(cfg, "train.seed", default=0)))
-        encoder = encoder_from_config(enc, pretrained=enc.pretrained and "encoder" not in ckpt,
-                                      weights=enc.weights if "encoder" not in ckpt else None,
-                                      grid=reads_grid(cfg.model))
+        encoder = run_encoder(cfg, pretrained=enc.pretrained and "encoder" not in ckpt,
+                              weights=enc.weights if "encoder" not in ckpt else None)
     if "encoder" in ckpt:
         try:
             encoder.load_state_dict(ckpt["encoder"])

@@ -327,6 +327,14 @@ def build_encoder(name: str, pretrained: bool = True, weights: str | Path | None
                    pooled_is_grid_mean=head == "fc")
 
 
+def run_encoder(cfg, **overrides) -> Encoder:
+    """The encoder of a run's config: ``cfg.encoder``, giving what ``cfg.model`` reads (a grid of
+    regions for an attention decoder, the pooled vector otherwise)."""
+    from captioner.models import reads_grid
+
+    return encoder_from_config(cfg.encoder, grid=reads_grid(cfg.model), **overrides)
+
+
 def encoder_from_config(enc_cfg, **overrides) -> Encoder:
     """The encoder an ``encoder`` config node describes; ``overrides`` (pretrained, weights, grid) win."""
     options = {"pretrained": enc_cfg.pretrained, "weights": enc_cfg.weights,

@@ -13,9 +13,8 @@ from omegaconf import DictConfig
 from captioner.cli import command
 from captioner.config import validate
 from captioner.datasets import load_records
-from captioner.encoders import encoder_from_config
+from captioner.encoders import run_encoder
 from captioner.features import SplitFeatures, all_split_features, extraction_options, feature_cache_dir
-from captioner.models import reads_grid
 from captioner.runtime import resolve_device, seed_everything
 
 log = logging.getLogger("captioner.extract")
@@ -25,7 +24,7 @@ def extract(cfg: DictConfig) -> dict[str, SplitFeatures]:
     validate(cfg)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)  # as train does: random (pretrained=false) weights then match its cache
-    encoder = encoder_from_config(cfg.encoder, grid=reads_grid(cfg.model))  # (first: weights that cannot be had fail before the data work)
+    encoder = run_encoder(cfg)  # (first: weights that cannot be had fail before the data work)
     records = load_records(cfg.data)
     results = all_split_features(
         encoder, records, feature_cache_dir(cfg.data, cfg.encoder), device=device, **extraction_options(cfg.encoder),

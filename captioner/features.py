@@ -348,10 +348,11 @@ def all_split_features(encoder, records: dict[str, Sequence[ImageRecord]], cache
 
 def compute_features(encoder, records: Sequence[ImageRecord], *, dtype: str = "float16", batch_size: int = 32,
                      num_workers: int = 0, device: str | torch.device = "cpu") -> np.ndarray:
-    """Features [len(records), *encoder.feature_shape] computed now, in memory, not cached: for an encoder whose weights
-    change (fine-tuning) or were fine-tuned (a checkpoint's own encoder), which a cache keyed by the
-    original weights does not describe. Rounded to ``dtype`` as the cache is, so decoding them gives
-    the captions ``Captioner`` gives; any unreadable image is an error."""
+    """Features [len(records), *encoder.feature_shape] computed now, in memory, not cached: for an
+    encoder whose weights change (fine-tuning) or were fine-tuned (a checkpoint's own encoder),
+    which a cache keyed by the original weights does not describe. Rounded to ``dtype`` as the
+    cache is, so decoding them gives the captions ``Captioner`` gives; any unreadable image is an
+    error."""
     out = np.zeros((len(records), *encoder.feature_shape), dtype=np.float32)
     for indices, feats, bad in encode_images(encoder, [r.path for r in records], batch_size, num_workers, device):
         if bad:

@@ -26,12 +26,12 @@ from captioner.checkpoint import (BEST, LAST, TrainState, load_checkpoint, load_
 from captioner.config import validate
 from captioner.datasets import drop_empty_captions, load_records
 from captioner.ema import WeightAverage
-from captioner.encoders import encoder_from_config
+from captioner.encoders import run_encoder
 from captioner.engine import CaptionBatches, evaluate, train_one_epoch
 from captioner.features import all_split_features, extraction_options, feature_cache_dir
 from captioner.finetune import EncoderFineTuning
 from captioner.history import plot_history, write_metrics
-from captioner.models import build_model, reads_grid
+from captioner.models import build_model
 from captioner.objectives import ObjectiveContext, build_objective
 from captioner.optim import build_optimizer, build_scheduler
 from captioner.precision import Precision, compile_loss
@@ -142,7 +142,7 @@ def prepare(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, out_di
     log.info("device %s%s, outputs in %s", device, f" x {ctx.world_size} processes" if ctx.enabled else "", out_dir)
 
     with ctx.local_first():  # local rank 0 generates/reads the data set and builds the cache first
-        encoder = encoder_from_config(cfg.encoder, grid=reads_grid(cfg.model))  # (first: weights that cannot be had fail before the data work)
+        encoder = run_encoder(cfg)  # (first: weights that cannot be had fail before the data work)
         records = drop_empty_captions(load_records(cfg.data))
         if not records.get("train"):
             raise ValueError(f"data.name={cfg.data.name}: the training split has no captioned images")

@@ -34,9 +34,9 @@ def watch(monkeypatch, interrupt_at=None):
     import captioner.trainer as train_module
 
     built, steps = [], []
-    original_build, original_loss = train_module.encoder_from_config, ShowTell.loss
+    original_build, original_loss = train_module.run_encoder, ShowTell.loss
 
-    def encoder_from_config(*args, **kwargs):
+    def run_encoder(*args, **kwargs):
         built.append(original_build(*args, **kwargs))
         return built[-1]
 
@@ -49,7 +49,7 @@ def watch(monkeypatch, interrupt_at=None):
             signal.raise_signal(signal.SIGINT)
         return original_loss(self, features, tokens, label_smoothing)
 
-    monkeypatch.setattr(train_module, "encoder_from_config", encoder_from_config)
+    monkeypatch.setattr(train_module, "run_encoder", run_encoder)
     monkeypatch.setattr(ShowTell, "loss", loss)
     return steps
 

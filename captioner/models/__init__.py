@@ -5,8 +5,8 @@ Each module of this package defines one decoder class, decorated with
 ``captioner.config.ModelConfig``); ``conf/model/<name>.yaml`` selects it. Every decoder speaks
 the one-step decoding protocol (``init_state`` / ``step`` / ``reorder_state``), has
 ``loss(features, tokens, label_smoothing)`` for teacher forcing, ``from_config(cfg,
-vocab_size, feature_dim)`` and ``reads_grid`` (pooled [B, D] or region [B, regions, D] features), so decoding, objectives, ensembles and checkpoints work for each
-unchanged. Adding a model is one module here plus its config file.
+vocab_size, feature_dim)`` and ``reads_grid`` (pooled [B, D] or region [B, regions, D]
+features), so decoding, objectives, ensembles and checkpoints work for each unchanged. Adding a model is one module here plus its config file.
 """
 from __future__ import annotations
 

@@ -4,11 +4,12 @@ The decoder reads a grid of region features [B, R, D] (``reads_grid``: the encod
 convolutional map). Before each word it scores every region against the previous hidden state
 (additive attention: w . tanh(W_r r_i + W_h h)), takes the softmax-weighted mean of the regions,
 scales it by the gating scalar beta = sigmoid(f_beta . h) (the paper's one number per step: how
-much the word needs the image; sgrvinod's tutorial uses one per channel), and feeds [word embedding; context] to an LSTM cell. The initial state comes from the mean
-region feature. ``attention_penalty`` is the paper's doubly stochastic regularization: lambda x
+much the word needs the image; sgrvinod's tutorial uses one per channel), and feeds
+[word embedding; context] to an LSTM cell. The initial state comes from the mean region feature.
+``attention_penalty`` is the paper's doubly stochastic regularization: lambda x
 (1 - sum_t alpha_ti)^2, every region attended about once over the caption, averaged over the
-regions (as sgrvinod's tutorial does; the paper sums them, against a loss summed over the words),
-so that at lambda = 1 it stays below the per-word cross-entropy it is added to.
+regions (as sgrvinod's tutorial does; the paper sums them, against a loss summed over the
+words), so that at lambda = 1 it stays below the per-word cross-entropy it is added to.
 
 It speaks the decoding protocol of every decoder (``init_state`` / ``step`` / ``reorder_state``),
 so greedy, sampling, beam search, ensembles and SCST decode it unchanged; each step leaves its
@@ -133,7 +134,8 @@ class ShowAttendTell(nn.Module):
             loss = loss + self.attention_penalty * ((1.0 - coverage) ** 2).mean()
         return loss, real.numel()
 
-    def sequence_logprobs(self, features: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    def sequence_logprobs(self, features: torch.Tensor, tokens: torch.Tensor,
+                          temperature: float = 1.0) -> torch.Tensor:
         """log p(caption | image) [B] of each row of ``tokens`` (<bos> w1 .. wn <eos>, padded),
         <eos> included, in one teacher-forced pass; with ``temperature``, under the distribution
         whose logits are divided by it (what ``decoding.draw`` samples from)."""

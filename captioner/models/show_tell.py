@@ -159,7 +159,8 @@ class ShowTell(nn.Module):
         loss = F.cross_entropy(logits, real, label_smoothing=label_smoothing)
         return loss, real.numel()  # (numel: no extra reduction or sync)
 
-    def sequence_logprobs(self, features: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    def sequence_logprobs(self, features: torch.Tensor, tokens: torch.Tensor,
+                          temperature: float = 1.0) -> torch.Tensor:
         """log p(caption | image) [B] of each row of ``tokens`` (<bos> w1 .. wn <eos>, padded),
         <eos> included, in one teacher-forced pass; with ``temperature``, under the distribution
         whose logits are divided by it (what ``decoding.draw`` samples from)."""
