@@ -131,7 +131,13 @@ class EncoderConfig:
     input_size: Optional[int] = at_least(None, 32)
     crop_pct: Optional[float] = between(None, 0.0, 1.0, low_open=True)
     batch_size: int = at_least(32, 1)  # feature extraction
-    num_workers: int = at_least(0, 0)
+    # processes decoding images for the CNN; null: a quarter of the CPUs, at most 8 (none on 2 CPUs:
+    # decoding a JPEG costs ~2% of the CNN's time per image there, a worker would take a core from it)
+    num_workers: Optional[int] = at_least(None, 0)
+    # the CNN's arithmetic in extraction (bf16: CUDA, CPUs with AVX512-BF16 or AMX; fp16: CUDA);
+    # recorded in the cache manifest, so caches of different precision never mix
+    precision: str = choice("fp32", owned_by("captioner.precision", "PRECISIONS"))
+    compile: bool = True  # torch.compile the CNN for extraction (eager, with a warning, without a C++ compiler)
     cache_dtype: str = choice("float16", ("float16", "float32"))
     cache_dir: Optional[str] = None  # default: <data.root>/features
     finetune_after: int = at_least(-1, -1)  # step after which the CNN trains end to end; -1 never

@@ -41,16 +41,17 @@ class DecodeOutput:
 # -- constraints shared by all methods -------------------------------------------------------
 def constrain(logprobs: torch.Tensor, history: torch.Tensor, max_length: int,
               ban_unk: bool = False, block_trigrams: bool = False) -> torch.Tensor:
-    """``logprobs`` [N, V] with banned next tokens set to -inf, for rows whose words so far are
-    ``history`` [N, t] (all rows have the same length t)."""
-    logprobs = logprobs.clone()
+    """``logprobs`` [N, V] with banned next tokens set to -inf, in place (every caller passes a
+    model step's fresh output: a copy of [N, V] each step costs as much as the softmax), for rows
+    whose words so far are ``history`` [N, t] (all rows have the same length t)."""
     words = history.size(1)
     if words >= max_length:  # the caption is full: only <eos> may follow
         eos = logprobs[:, EOS_ID].clone()
         logprobs.fill_(-math.inf)
         logprobs[:, EOS_ID] = eos
         return logprobs
-    logprobs[:, [PAD_ID, BOS_ID]] = -math.inf
+    logprobs[:, PAD_ID] = -math.inf
+    logprobs[:, BOS_ID] = -math.inf
     if ban_unk:
         logprobs[:, UNK_ID] = -math.inf
     if block_trigrams and words >= 3:
@@ -67,24 +68,31 @@ def constrain(logprobs: torch.Tensor, history: torch.Tensor, max_length: int,
 
 # -- greedy and sampling: one token per image per step ----------------------------------------
 def _decode_one_path(model, features, max_length, choose, ban_unk, block_trigrams) -> DecodeOutput:
-    """Shared loop of greedy and sampling: ``choose(logprobs) -> tokens`` picks one per row."""
+    """Shared loop of greedy and sampling: ``choose(logprobs, rows, t) -> tokens`` picks one token
+    for each of ``rows`` (the indices of the images still writing) at step t. An image that writes
+    <eos> leaves the batch (its state rows are dropped through ``reorder_state``), so later steps
+    compute only the unfinished captions."""
     batch, device = features.size(0), features.device
     state = model.init_state(features)
+    rows = torch.arange(batch, device=device)
     tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=device)
-    history = torch.zeros((batch, 0), dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    history = torch.full((batch, max_length + 1), PAD_ID, dtype=torch.long, device=device)
     scores = None
-    for _ in range(max_length + 1):
+    for t in range(max_length + 1):
         logprobs, state = model.step(tokens, state)
-        logprobs = constrain(logprobs, history, max_length, ban_unk, block_trigrams)
-        tokens = choose(logprobs)
-        chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-        scores = chosen.masked_fill(finished, 0.0) if scores is None else scores + chosen.masked_fill(finished, 0.0)
-        # finished rows keep stepping (the batch stays whole) but write <pad> and score nothing
-        history = torch.cat([history, tokens.masked_fill(finished, PAD_ID).unsqueeze(1)], dim=1)
-        finished = finished | (tokens == EOS_ID)
-        if bool(finished.all()):
-            break
+        if scores is None:
+            scores = torch.zeros(batch, dtype=logprobs.dtype, device=device)
+        logprobs = constrain(logprobs, history[rows, :t], max_length, ban_unk, block_trigrams)
+        tokens = choose(logprobs, rows, t)
+        scores.index_add_(0, rows, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1))
+        history[rows, t] = tokens
+        ended = tokens == EOS_ID
+        if bool(ended.any()):
+            writing = (~ended).nonzero().squeeze(1)
+            if writing.numel() == 0:
+                break
+            rows, tokens = rows[writing], tokens[writing]
+            state = model.reorder_state(state, writing)
     sequences = [_words(seq) for seq in history.tolist()]
     return DecodeOutput(sequences, scores.tolist())
 
@@ -104,7 +112,8 @@ def _words(seq: list[int]) -> list[int]:
 @torch.no_grad()
 def greedy(model, features: torch.Tensor, *, max_length: int, ban_unk: bool, block_trigrams: bool) -> DecodeOutput:
     """The most likely next token at every step (the first one on an exact tie)."""
-    return _decode_one_path(model, features, max_length, lambda lp: lp.argmax(dim=-1), ban_unk, block_trigrams)
+    return _decode_one_path(model, features, max_length, lambda lp, rows, t: lp.argmax(dim=-1), ban_unk,
+                            block_trigrams)
 
 
 @torch.no_grad()
@@ -114,12 +123,10 @@ def draw(model, features: torch.Tensor, uniforms: torch.Tensor, *, max_length: i
     ``temperature``) by inverse CDF, row i's step t reading ``uniforms[i, t]`` ([N, max_length + 1]
     in [0, 1)): the randomness is the caller's, so it can be a function of (seed, step, image)
     rather than of the process or the batch layout."""
-    step = iter(range(max_length + 1))
-
-    def choose(logprobs):
+    def choose(logprobs, rows, t):
         cdf = (logprobs.float() / temperature).exp().cumsum(dim=-1)
         # (above 0: u = 0 would pick token 0, <pad>, whose probability is 0)
-        u = uniforms[:, next(step)].to(cdf)[:, None].clamp(min=1e-12) * cdf[:, -1:]
+        u = uniforms[rows, t].to(cdf)[:, None].clamp(min=1e-12) * cdf[:, -1:]
         return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=cdf.size(1) - 1)
 
     return _decode_one_path(model, features, max_length, choose, ban_unk, block_trigrams)
@@ -149,7 +156,7 @@ def sample(model, features: torch.Tensor, *, max_length: int, temperature: float
     (same seed, batch and device: same captions) without touching the global RNG."""
     generator = torch.Generator(device=features.device).manual_seed(int(seed))
 
-    def choose(logprobs):
+    def choose(logprobs, rows, t):
         logits = filter_logits(logprobs / temperature, top_k, top_p)
         probs = logits.softmax(dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)

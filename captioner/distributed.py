@@ -10,11 +10,13 @@ How the pieces fit, so that N processes compute what one process would:
   global batches (``CaptionBatches.epoch``) and takes its contiguous slice of each one
   (``shard_batches``), so nothing about the order depends on the number of processes.
 - The loss is a mean over real tokens (the objective's weight) and shards hold different numbers
-  of tokens, so ``DataParallelObjective.compute`` weights each rank's mean by its share of the
+  of tokens, so ``DataParallelStep`` weights each rank's mean by its share of the
   global weight (one tiny all-reduce); DDP's gradient average is then exactly the gradient of
   the global batch's per-token mean, the same as a single process (to rounding).
 - Validation decodes a slice of the images per rank and gathers the captions; every rank scores
   the whole split, so all ranks agree on the metric and on "best".
+- CNN fine-tuning (``encoder.finetune_after``): from that step the shards hold images and the
+  encoder, a DDP of its own, encodes them inside the step (``DataParallelStep``).
 - Only rank 0 writes files (checkpoints, metrics, plots, vocabulary). Data preparation and the
   feature cache are done by local rank 0 of each node first while the others wait at a barrier,
   then read what it wrote.
@@ -28,7 +30,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -120,9 +122,13 @@ class Dist:
     # -- splitting work ----------------------------------------------------------------------
     def part(self, n: int) -> range:
         """This rank's contiguous slice of ``n`` items (sizes differ by at most one)."""
+        return self.part_of(self.rank, n)
+
+    def part_of(self, rank: int, n: int) -> range:
+        """Rank ``rank``'s contiguous slice of ``n`` items."""
         base, extra = divmod(n, self.world_size)
-        start = self.rank * base + min(self.rank, extra)
-        return range(start, start + base + (1 if self.rank < extra else 0))
+        start = rank * base + min(rank, extra)
+        return range(start, start + base + (1 if rank < extra else 0))
 
     def gather_list(self, items: list) -> list:
         """The concatenation of every rank's ``items``, in rank order."""
@@ -167,7 +173,7 @@ def cleanup(ctx: Dist) -> None:
 def shard_batches(batches: Iterable[Batch], ctx: Dist) -> Iterator[Batch]:
     """This rank's contiguous slice of every global batch, trimmed to its own longest caption. A
     rank whose slice is empty (a last batch smaller than the world) gets an empty batch;
-    ``DataParallelObjective.compute`` still takes part in the gradient all-reduce."""
+    ``DataParallelStep`` still takes part in the gradient all-reduce."""
     from captioner.vocab import PAD_ID
 
     for batch in batches:
@@ -189,30 +195,54 @@ class _ObjectiveForward(nn.Module):
         return self.objective(self.model, batch)
 
 
-class DataParallelObjective(nn.parallel.DistributedDataParallel):
-    """DDP around (model, objective); ``compute(batch)`` gives what the objective gives in one
-    process, so ``engine.train_one_epoch`` trains either.
+class _Encode(nn.Module):
+    """DDP hooks into ``forward``: here the encoder turning a batch's images into features."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.encoder.normalize(images))
+
+
+class DataParallelStep:
+    """The objective on the model through DDP: calling it with a batch (this rank's shard) gives
+    what the objective gives in one process, so ``engine.train_one_epoch`` trains either.
 
     The returned loss has the value of the global batch's mean (so logs, the NaN check and the
     epoch mean agree on every rank) and the gradient of this rank's weighted sum over the global
-    weight, times the world size that DDP's average divides by. ``weight`` is the global one."""
+    weight, times the world size that DDP's average divides by. ``weight`` is the global one.
+
+    Once ``encode_images_with(encoder)`` is called (CNN fine-tuning), batches hold images, which
+    the encoder turns into features inside the step; the encoder is a DDP of its own, built then,
+    because DDP only syncs the parameters that needed gradients when it was built."""
 
     def __init__(self, model: nn.Module, objective, device: torch.device, world_size: int):
-        super().__init__(_ObjectiveForward(model, objective),
-                         device_ids=[device.index] if device.type == "cuda" else None)
-        self.world = world_size
-        self.device = device
+        self.device, self.world = device, world_size
+        self.ddp = nn.parallel.DistributedDataParallel(_ObjectiveForward(model, objective), **self._placement())
+        self.encode: Optional[nn.Module] = None
 
-    def compute(self, batch: Batch) -> ObjectiveOutput:
+    def _placement(self) -> dict:
+        return {"device_ids": [self.device.index] if self.device.type == "cuda" else None}
+
+    def encode_images_with(self, encoder: nn.Module) -> None:
+        if self.encode is None:  # (unused: a classifier head the features do not go through, e.g. Lite0's)
+            self.encode = nn.parallel.DistributedDataParallel(_Encode(encoder), find_unused_parameters=True,
+                                                              **self._placement())
+
+    def __call__(self, batch: Batch) -> ObjectiveOutput:
         from captioner.vocab import BOS_ID, EOS_ID
 
         empty = batch.features.size(0) == 0
-        if empty:  # take part in the all-reduce with a stand-in example of weight 0
+        if empty:  # take part in the all-reduces with a stand-in example of weight 0
             zero = torch.zeros(1, dtype=torch.long, device=batch.tokens.device)
             batch = Batch(batch.features.new_zeros((1, *batch.features.shape[1:])),
                           torch.tensor([[BOS_ID, EOS_ID]], device=batch.tokens.device), zero,
                           None if batch.seeds is None else zero)
-        out = self(batch)
+        if self.encode is not None:  # (a stand-in image too: the encoder's all-reduce needs every rank)
+            batch = batch._replace(features=self.encode(batch.features))
+        out = self.ddp(batch)
         n_local = 0 if empty else int(out.weight)
         stats = torch.tensor([float(n_local), out.loss.detach().double().item() * n_local], dtype=torch.float64,
                              device=self.device)
@@ -226,7 +256,7 @@ class DataParallelObjective(nn.parallel.DistributedDataParallel):
 def wrap(model: nn.Module, objective, ctx: Dist, device: torch.device) -> Callable[[Batch], ObjectiveOutput]:
     """What the training step calls: the objective on the model, through DDP under torchrun."""
     if ctx.enabled:
-        return DataParallelObjective(model, objective, device, ctx.world_size).compute
+        return DataParallelStep(model, objective, device, ctx.world_size)
     return functools.partial(objective, model)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import math
 from pathlib import Path
 from typing import Callable, Optional
@@ -27,6 +28,8 @@ import torchvision
 from PIL import Image
 from torch import nn
 from torchvision import transforms as T
+
+log = logging.getLogger("captioner.encoders")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -141,6 +144,50 @@ class Encoder(nn.Module):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
         return self
+
+
+def fast_forward(encoder: Encoder, device: torch.device | str, batch_size: int, precision: str = "fp32",
+                 compile: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The encoder's features of a uint8 batch [b <= batch_size, 3, H, W] as float32 on ``device``,
+    computed the fast way for inference: the network in channels_last memory layout (oneDNN's
+    and cuDNN's native one; the same features to float rounding), under autocast when
+    ``precision`` is bf16/fp16 (checked by ``precision.inference_dtype``), and with ``compile``
+    through ``torch.compile``. A compiled network sees every batch at ``batch_size`` (a short last
+    batch is padded) so it is compiled once; without a C++ compiler, or if compiling fails, it
+    warns once and runs eagerly. Call under ``torch.inference_mode()``."""
+    from captioner.precision import has_cxx_compiler, inference_dtype
+
+    device = torch.device(device)
+    dtype = inference_dtype(precision, device)
+    encoder.to(device, memory_format=torch.channels_last)
+    network: Callable[[torch.Tensor], torch.Tensor] = encoder
+    if compile and device.type == "cpu" and not has_cxx_compiler():
+        log.warning("encoder.compile=true needs a C++ compiler (g++ or clang++, or set CXX): the encoder runs "
+                    "eagerly (install one, or set encoder.compile=false to silence this)")
+        compile = False
+    if compile:
+        network = torch.compile(encoder, dynamic=False)
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        nonlocal network
+        count = len(images)
+        x = encoder.normalize(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+        if network is not encoder and count < batch_size:
+            x = torch.cat([x, x[-1:].expand(batch_size - count, *x.shape[1:])]).contiguous(
+                memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            try:
+                feats = network(x)
+            except Exception as err:  # inductor/triton failures surface at the first call
+                if network is encoder:
+                    raise
+                log.warning("encoder.compile=true: compiling the encoder failed (%s: %s); it runs eagerly",
+                            type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                network = encoder
+                feats = network(x)
+        return feats[:count].float()
+
+    return forward
 
 
 # --- EfficientNet-Lite0 -------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Its config (conf/extract.yaml) is the training config, so a following ``python -m
 captioner.train`` with the same data/encoder overrides reuses the cache. An interrupted
-extraction resumes where it stopped when rerun.
+extraction resumes where it stopped when rerun. Under torchrun
+(``torchrun --nproc_per_node=N -m captioner.extract ...``) every rank encodes its share of each
+split into the same cache, which must be on a disk the ranks share.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import logging
 
 from omegaconf import DictConfig
 
+from captioner import distributed
 from captioner.cli import command
 from captioner.config import validate
 from captioner.datasets import load_records
@@ -22,13 +25,24 @@ log = logging.getLogger("captioner.extract")
 
 def extract(cfg: DictConfig) -> dict[str, SplitFeatures]:
     validate(cfg)
-    device = resolve_device(cfg.train.device)
-    seed_everything(cfg.train.seed)  # as train does: random (pretrained=false) weights then match its cache
-    encoder = run_encoder(cfg)  # (first: weights that cannot be had fail before the data work)
-    records = load_records(cfg.data)
-    results = all_split_features(
-        encoder, records, feature_cache_dir(cfg.data, cfg.encoder), device=device, **extraction_options(cfg.encoder),
-        progress=cfg.train.progress, on_bad_image=cfg.data.on_bad_image)
+    ctx, device = distributed.setup(resolve_device(cfg.train.device))
+    try:
+        seed_everything(cfg.train.seed)  # as train does: random (pretrained=false) weights then match its cache
+        encoder = run_encoder(cfg)  # (first: weights that cannot be had fail before the data work)
+        with ctx.local_first():  # local rank 0 generates or indexes the data set first
+            records = load_records(cfg.data)
+        results = all_split_features(
+            encoder, records, feature_cache_dir(cfg.data, cfg.encoder), device=device,
+            **extraction_options(cfg.encoder), progress=cfg.train.progress, on_bad_image=cfg.data.on_bad_image,
+            ctx=ctx)
+    finally:
+        distributed.cleanup(ctx)
+    if ctx.is_main:
+        report(cfg, results)
+    return results
+
+
+def report(cfg: DictConfig, results: dict[str, SplitFeatures]) -> None:
     for split, r in results.items():
         done = f"computed {r.computed} in {r.seconds:.1f}s, {r.images_per_s:.1f} images/s" if r.computed else "cached"
         skipped = f", {len(r.skipped)} unreadable skipped" if r.skipped else ""
@@ -37,7 +51,6 @@ def extract(cfg: DictConfig) -> dict[str, SplitFeatures]:
     computed, seconds = sum(r.computed for r in results.values()), sum(r.seconds for r in results.values())
     if computed:
         print(f"{cfg.encoder.name}: {computed} images in {seconds:.1f}s = {computed / seconds:.1f} images/s")
-    return results
 
 
 main = command("extract", extract)

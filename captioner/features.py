@@ -28,6 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from captioner.datasets import ImageRecord
+from captioner.distributed import Dist
 from captioner.images import BadImageError, load_image
 from captioner.io import atomic_path, atomic_write_text
 
@@ -37,11 +38,21 @@ FORMAT_VERSION = 1  # bump when the cache layout or the extraction changes, to r
 SAVE_EVERY_S = 10.0  # how often an extraction records its progress for resuming
 
 
+def default_workers() -> int:
+    """DataLoader workers decoding images for the CNN when ``encoder.num_workers`` is null."""
+    return min(8, (os.cpu_count() or 1) // 4)
+
+
+def image_workers(encoder_cfg) -> int:
+    return default_workers() if encoder_cfg.get("num_workers") is None else int(encoder_cfg.num_workers)
+
+
 def extraction_options(encoder_cfg) -> dict:
     """The ``encoder`` config's extraction settings, as keywords of ``split_features`` and
-    ``compute_features``."""
+    ``compute_features`` (.get: configs saved in checkpoints before precision and compile existed)."""
     return {"dtype": encoder_cfg.cache_dtype, "batch_size": encoder_cfg.batch_size,
-            "num_workers": encoder_cfg.num_workers}
+            "num_workers": image_workers(encoder_cfg), "precision": encoder_cfg.get("precision", "fp32"),
+            "compile": encoder_cfg.get("compile", True)}
 
 
 def feature_cache_dir(data_cfg, encoder_cfg) -> Path:
@@ -75,23 +86,28 @@ def collate(items):
 
 
 def encode_images(encoder, paths: Sequence[str], batch_size: int = 32, num_workers: int = 0,
-                  device: str | torch.device = "cpu", start: int = 0) -> Iterator[tuple]:
-    """Encode ``paths[start:]`` in order: yields (indices, features [b, D] on device or None,
-    [(index, error)] of the unreadable images) per batch. Decoding runs in ``num_workers``
-    DataLoader workers, overlapping with the CNN."""
+                  device: str | torch.device = "cpu", start: int = 0, precision: str = "fp32",
+                  compile: bool = False) -> Iterator[tuple]:
+    """Encode ``paths[start:]`` in order: yields (indices, float32 features [b, D] on device or
+    None, [(index, error)] of the unreadable images) per batch. Decoding runs in ``num_workers``
+    DataLoader workers, overlapping with the CNN; the CNN runs as ``encoders.fast_forward`` makes
+    it (channels_last, ``precision``, ``compile``)."""
+    from captioner.encoders import fast_forward
+
     device = torch.device(device)
     # A private generator: the loader's worker seeds must not draw from (and shift) the global RNG.
     loader = DataLoader(ImageFiles(paths, encoder.crop, start), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=collate, pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(0))
     was_training = encoder.training
-    encoder.to(device).eval()  # extraction never uses dropout/BN batch statistics, frozen or not
+    encoder.eval()  # extraction never uses dropout/BN batch statistics, frozen or not
+    forward = fast_forward(encoder, device, batch_size, precision, compile)
     try:
         for indices, images, bad in loader:
             feats = None
             if images is not None:
                 with torch.inference_mode():  # not around the yield: the mode would leak into the caller
-                    feats = encoder(encoder.normalize(images.to(device, non_blocking=True)))
+                    feats = forward(images)
             yield indices, feats, bad
     finally:
         encoder.train(was_training)
@@ -117,9 +133,13 @@ def images_fingerprint(records: Sequence[ImageRecord]) -> str:
     return hashlib.sha1("\n".join(r.path for r in records).encode()).hexdigest()[:20]
 
 
-def manifest_for(encoder, records: Sequence[ImageRecord], dtype: str, fingerprint: Optional[str] = None) -> dict:
-    """Everything the cached values depend on; a cache is reused only when this matches exactly."""
+def manifest_for(encoder, records: Sequence[ImageRecord], dtype: str, fingerprint: Optional[str] = None,
+                 precision: str = "fp32") -> dict:
+    """Everything the cached values depend on; a cache is reused only when this matches exactly.
+    (A reduced ``precision`` is recorded; fp32, the only one before it existed, is implied, so
+    older caches stay valid. Compilation and memory layout give the same features.)"""
     grid = {"regions": encoder.feature_shape[0]} if encoder.grid else {}
+    reduced = {"precision": precision} if precision != "fp32" else {}
     return {
         "format": FORMAT_VERSION,
         "encoder": encoder.name,
@@ -130,6 +150,7 @@ def manifest_for(encoder, records: Sequence[ImageRecord], dtype: str, fingerprin
         "dtype": dtype,
         "feature_dim": encoder.feature_dim,
         **grid,
+        **reduced,
     }
 
 
@@ -203,13 +224,20 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _describes(saved: Optional[dict], key: dict) -> bool:
+    """Whether a saved manifest (the key plus rows, skipped, ...) is of the features ``key`` asks
+    for; an absent precision is fp32 (``manifest_for``)."""
+    return (saved is not None and {k: saved.get(k) for k in key} == key
+            and saved.get("precision", "fp32") == key.get("precision", "fp32"))
+
+
 def _pooled_from_grid(grid_stem: Path, key: dict, final: Path, manifest_path: Path):
     """(skipped, features): the pooled cache written as the mean of a fresh grid cache's regions,
     for an encoder whose pooled vector is that mean (ResNet, Lite0); None without such a cache.
     The mean is taken in float32, as the pooled network takes it, then rounded to the cache's
     dtype (from float16 regions: within float16 rounding of a direct extraction)."""
     saved = _read_json(grid_stem.with_suffix(".json"))
-    if saved is None or {k: saved.get(k) for k in key} != key or "regions" not in saved:
+    if not _describes(saved, key) or "regions" not in saved:
         return None
     rows = saved["num_images"] - len(saved.get("skipped", []))
     grid = _open_array(grid_stem.with_suffix(".npy"), (rows, saved["regions"], key["feature_dim"]), key["dtype"])
@@ -231,21 +259,28 @@ def _pooled_from_grid(grid_stem: Path, key: dict, final: Path, manifest_path: Pa
 def split_features(encoder, records: Sequence[ImageRecord], cache_dir: str | Path, split: str, *,
                    dtype: str = "float16", batch_size: int = 32, num_workers: int = 0,
                    device: str | torch.device = "cpu", progress: bool = True, on_bad_image: str = "error",
-                   fingerprint: Optional[str] = None) -> SplitFeatures:
+                   fingerprint: Optional[str] = None, precision: str = "fp32", compile: bool = False,
+                   ctx: Optional[Dist] = None) -> SplitFeatures:
     """Features for ``records``, memory-mapped from the cache; computed (or resumed) if stale.
+
+    With ``ctx`` (the ranks of a torchrun job, sharing ``cache_dir``) every rank encodes its
+    contiguous part of the images into the same array and rank 0 finishes the cache; each part
+    resumes on its own after an interruption.
 
     Unreadable images are named in the log as they are found; ``on_bad_image="error"`` raises one
     BadImageError naming all of them after the pass (which is kept, so switching to ``skip`` costs
     no recomputation), ``"skip"`` drops them from ``.records`` and ``.features``."""
-    records = list(records)
+    records, ctx = list(records), ctx or Dist()
     if not records:
         raise ValueError(f"split {split!r} has no images")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{encoder.cache_name}_{split}"
     final, manifest_path = cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json"
-    partial, progress_path = cache_dir / f"{stem}.partial.npy", cache_dir / f"{stem}.partial.json"
-    key = manifest_for(encoder, records, dtype, fingerprint)
+    # an extraction in progress: the array (a row per image), the manifest it is for, and one
+    # progress file per part of the images (one part per rank under torchrun)
+    partial, partial_path = cache_dir / f"{stem}.partial.npy", cache_dir / f"{stem}.partial.json"
+    key = manifest_for(encoder, records, dtype, fingerprint, precision)
     item_shape = encoder.feature_shape
 
     def finish(skipped: list[dict], features: np.ndarray, computed=0, seconds=0.0) -> SplitFeatures:
@@ -261,81 +296,124 @@ def split_features(encoder, records: Sequence[ImageRecord], cache_dir: str | Pat
                                 f"(first: {skipped[0]['error']}); check data.root and the image paths")
         return SplitFeatures(features, kept, skipped, computed, seconds)
 
-    with _locked(cache_dir / f".{stem}.lock"):
+    shape = (len(records), *item_shape)
+
+    def cached():
+        """(skipped, features) of a cache that is what ``key`` asks for, or None."""
         saved = _read_json(manifest_path)
-        if saved is not None and {k: saved.get(k) for k in key} == key:
-            skipped = saved.get("skipped", [])
-            array = _open_array(final, (len(records) - len(skipped), *item_shape), dtype)
+        if _describes(saved, key):
+            array = _open_array(final, (len(records) - len(saved.get("skipped", [])), *item_shape), dtype)
             if array is not None:
-                return finish(skipped, array)
+                return saved.get("skipped", []), array
         if not encoder.grid and encoder.pooled_is_grid_mean:
             derived = _pooled_from_grid(cache_dir / f"{encoder.cache_name}_grid_{split}", key, final, manifest_path)
             if derived is not None:
                 log.info("split %s: %s pooled features = the mean of the cached grid's regions (no CNN pass)",
                          split, encoder.name)
-                return finish(*derived)
+                return derived
+        return None
 
-        state = _read_json(progress_path)
-        out = None
-        if state is not None and state.get("manifest") == key:
-            out = _open_array(partial, (len(records), *item_shape), dtype, mode="r+")
-        if out is None:
-            state = {"manifest": key, "done": 0, "rows": 0, "skipped": []}
-            out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=(len(records), *item_shape))
-            atomic_write_text(progress_path, json.dumps(state))
-        elif state["done"]:
-            log.info("split %s: resuming %s features at image %d of %d", split, encoder.name, state["done"], len(records))
+    def prepare_partial() -> None:
+        """Keep the partial array of an interrupted extraction of ``key``, or start a fresh one."""
+        if _read_json(partial_path) == key and _open_array(partial, shape, dtype, mode="r+") is not None:
+            return
+        for stale in cache_dir.glob(f"{stem}.partial.*-*.json"):
+            stale.unlink()
+        np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape).flush()
+        atomic_write_text(partial_path, json.dumps(key))
 
-        def save_progress() -> None:
-            out.flush()  # rows on disk before the progress file claims them
-            atomic_write_text(progress_path, json.dumps(state))
-
-        start_done, last_save, start = state["done"], time.monotonic(), time.perf_counter()
-        if state["done"] < len(records):
-            from tqdm import tqdm
-
-            try:
-                with tqdm(total=len(records), initial=state["done"], desc=f"{split} features ({encoder.name})",
-                          unit="img", disable=not progress) as bar:
-                    for indices, feats, bad in encode_images(encoder, [r.path for r in records], batch_size,
-                                                             num_workers, device, start=state["done"]):
-                        for index, error in bad:
-                            log.warning("unreadable image: %s", error)
-                            state["skipped"].append({"index": index, "path": records[index].path, "error": error})
-                        if feats is not None:
-                            rows = state["rows"]
-                            out[rows : rows + len(feats)] = feats.to("cpu", getattr(torch, dtype)).numpy()
-                            state["rows"] = rows + len(feats)
-                        state["done"] += len(indices) + len(bad)
-                        bar.update(len(indices) + len(bad))  # tqdm shows images/s
-                        if time.monotonic() - last_save > SAVE_EVERY_S:
-                            save_progress()
-                            last_save = time.monotonic()
-            finally:  # an interrupted run (error, Ctrl-C) keeps every finished batch for the rerun
-                save_progress()
-        computed, seconds = state["done"] - start_done, time.perf_counter() - start
-        if state["skipped"] and on_bad_image == "error":  # fail before finalising, so skip mode can finish it
-            raise _bad_images_error(split, state["skipped"], reused=False)
-
-        # Finalise. The old manifest goes first: a crash must never pair it with the new array.
-        rows = state["rows"]
+    def finalize() -> list[dict]:
+        """Rank 0, every part done: the partial array becomes the cache (without the unreadable
+        images' rows), then its manifest. The old manifest goes first: a crash must never pair it
+        with the new array."""
+        parts = [ctx.part_of(rank, len(records)) for rank in range(ctx.world_size)]
+        skipped = sorted((s for part in parts for s in _read_json(_progress_path(part))["skipped"]),
+                         key=lambda s: s["index"])
+        if skipped and on_bad_image == "error":  # fail before finalising, so skip mode can finish it
+            raise _bad_images_error(split, skipped, reused=False)
         manifest_path.unlink(missing_ok=True)
-        if rows == len(records):
-            del out
+        rows = len(records) - len(skipped)
+        if not skipped:
             _fsync(partial)
             os.replace(partial, final)
-        else:  # skipped images: copy the filled rows into an array of the right length
+        else:  # copy the rows of the readable images into an array of the right length
+            keep = np.setdiff1d(np.arange(len(records)), [s["index"] for s in skipped])
+            out = open_cache(partial)
             with atomic_path(final) as tmp:
                 dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, *item_shape))
-                for s in range(0, rows, 1 << 16):
-                    dst[s : s + (1 << 16)] = out[s : min(s + (1 << 16), rows)]
+                for s in range(0, rows, 1 << 14):
+                    dst[s : s + (1 << 14)] = out[keep[s : s + (1 << 14)]]
                 dst.flush()
                 del dst
             del out
             partial.unlink()
-        atomic_write_text(manifest_path, json.dumps({**key, "rows": rows, "skipped": state["skipped"]}, indent=1))
-        progress_path.unlink(missing_ok=True)
-        return finish(state["skipped"], open_cache(final), computed, seconds)
+        atomic_write_text(manifest_path, json.dumps({**key, "rows": rows, "skipped": skipped}, indent=1))
+        for part in parts:
+            _progress_path(part).unlink(missing_ok=True)
+        partial_path.unlink(missing_ok=True)
+        return skipped
+
+    def _progress_path(part: range) -> Path:
+        return cache_dir / f"{stem}.partial.{part.start}-{part.stop}.json"
+
+    # Rank 0 holds the cache's lock throughout; the other ranks of its job follow its decisions.
+    with _locked(cache_dir / f".{stem}.lock") if ctx.is_main else contextlib.nullcontext():
+        found = ctx.on_main(lambda: (lambda hit: None if hit is None else hit[0])(cached()))
+        if found is not None:
+            return finish(found, open_cache(final))
+        ctx.on_main(prepare_partial)
+        computed, seconds = _encode_part(encoder, records, split, partial, shape, dtype, key,
+                                         _progress_path(ctx.part(len(records))), ctx.part(len(records)),
+                                         batch_size=batch_size, num_workers=num_workers, device=device,
+                                         progress=progress and ctx.is_main, precision=precision, compile=compile)
+        ctx.barrier()
+        skipped = ctx.on_main(finalize)
+        computed, seconds = sum(ctx.gather(computed)), max(ctx.gather(seconds))
+        return finish(skipped, open_cache(final), computed, seconds)
+
+
+def _encode_part(encoder, records, split: str, partial: Path, shape: tuple, dtype: str, key: dict,
+                 progress_path: Path, part: range, *, batch_size: int, num_workers: int, device, progress: bool,
+                 precision: str, compile: bool) -> tuple[int, float]:
+    """Encode the images ``part`` into their rows of the partial array, resuming from this part's
+    progress file (the rows done and the unreadable images found). Returns (images encoded
+    now, seconds)."""
+    out = _open_array(partial, shape, dtype, mode="r+")
+    state = _read_json(progress_path)
+    if state is None or state.get("manifest") != key:
+        state = {"manifest": key, "done": part.start, "skipped": []}
+    elif state["done"] > part.start:
+        log.info("split %s: resuming %s features at image %d of %d", split, encoder.name, state["done"], len(records))
+
+    def save_progress() -> None:
+        out.flush()  # rows on disk before the progress file claims them
+        atomic_write_text(progress_path, json.dumps(state))
+
+    first, last_save, start = state["done"], time.monotonic(), time.perf_counter()
+    if state["done"] < part.stop:
+        from tqdm import tqdm
+
+        paths = [r.path for r in records[: part.stop]]
+        try:
+            with tqdm(total=len(part), initial=state["done"] - part.start, desc=f"{split} features ({encoder.name})",
+                      unit="img", disable=not progress) as bar:
+                for indices, feats, bad in encode_images(encoder, paths, batch_size, num_workers, device,
+                                                         start=state["done"], precision=precision, compile=compile):
+                    for index, error in bad:
+                        log.warning("unreadable image: %s", error)
+                        state["skipped"].append({"index": index, "path": records[index].path, "error": error})
+                    if feats is not None:
+                        out[indices] = feats.to("cpu", getattr(torch, dtype)).numpy()
+                    state["done"] += len(indices) + len(bad)
+                    bar.update(len(indices) + len(bad))  # tqdm shows images/s
+                    if time.monotonic() - last_save > SAVE_EVERY_S:
+                        save_progress()
+                        last_save = time.monotonic()
+        finally:  # an interrupted run (error, Ctrl-C) keeps every finished batch for the rerun
+            save_progress()
+    else:
+        save_progress()
+    return state["done"] - first, time.perf_counter() - start
 
 
 def all_split_features(encoder, records: dict[str, Sequence[ImageRecord]], cache_dir: str | Path,
@@ -347,14 +425,16 @@ def all_split_features(encoder, records: dict[str, Sequence[ImageRecord]], cache
 
 
 def compute_features(encoder, records: Sequence[ImageRecord], *, dtype: str = "float16", batch_size: int = 32,
-                     num_workers: int = 0, device: str | torch.device = "cpu") -> np.ndarray:
+                     num_workers: int = 0, device: str | torch.device = "cpu", precision: str = "fp32",
+                     compile: bool = False) -> np.ndarray:
     """Features [len(records), *encoder.feature_shape] computed now, in memory, not cached: for an
     encoder whose weights change (fine-tuning) or were fine-tuned (a checkpoint's own encoder),
     which a cache keyed by the original weights does not describe. Rounded to ``dtype`` as the
     cache is, so decoding them gives the captions ``Captioner`` gives; any unreadable image is an
     error."""
     out = np.zeros((len(records), *encoder.feature_shape), dtype=np.float32)
-    for indices, feats, bad in encode_images(encoder, [r.path for r in records], batch_size, num_workers, device):
+    for indices, feats, bad in encode_images(encoder, [r.path for r in records], batch_size, num_workers, device,
+                                             precision=precision, compile=compile):
         if bad:
             raise BadImageError(bad[0][1])
         out[indices] = feats.to(getattr(torch, dtype)).float().cpu().numpy()

@@ -37,14 +37,18 @@ class EncoderFineTuning:
         if self.encoder.frozen:
             self.encoder.unfreeze().train()
             log.info("fine-tuning the encoder from here on (encoder.finetune_lr=%g)", self.lr)
-        images = batches.epoch_images(epoch, records, self.encoder, start=start, num_workers=self.cfg.num_workers)
+        from captioner.features import image_workers
+
+        images = batches.epoch_images(epoch, records, self.encoder, start=start, num_workers=image_workers(self.cfg))
         return itertools.islice(images, steps_left) if steps_left else images
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder(self.encoder.normalize(images))
 
     def features(self, records) -> np.ndarray:
-        """Features of ``records`` from the encoder as it is now (the cache describes the original)."""
+        """Features of ``records`` from the encoder as it is now (the cache describes the original).
+        Eager: a compiled graph would be rebuilt at every validation, costing more than it saves."""
         from captioner.features import compute_features, extraction_options
 
-        return compute_features(self.encoder, records, device=self.device, **extraction_options(self.cfg))
+        return compute_features(self.encoder, records, device=self.device,
+                                **{**extraction_options(self.cfg), "compile": False})

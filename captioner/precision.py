@@ -108,7 +108,42 @@ class Precision:
         return f"Precision({self.name!r}, {self.device_type!r})"
 
 
-def _has_cxx_compiler() -> bool:
+def _cpu_flags() -> Optional[set[str]]:
+    """The CPU's feature flags (Linux), or None where /proc/cpuinfo does not say."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def inference_dtype(name: str, device: torch.device | str, option: str = "encoder.precision") -> Optional[torch.dtype]:
+    """The autocast dtype of a forward-only pass (feature extraction) in precision ``name``, or None
+    for fp32. bf16 runs on CUDA GPUs with bfloat16 and on CPUs with AVX512-BF16 or AMX (elsewhere
+    oneDNN emulates it, slower than fp32); fp16 on CUDA and on CPUs with AMX-FP16. Refused with
+    one line elsewhere."""
+    dtype = PRECISIONS[name]
+    device = torch.device(device)
+    if dtype is None:
+        return None
+    if device.type == "cuda":
+        if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"{option}=bf16: this GPU has no bfloat16 support; use fp16 or fp32")
+        return dtype
+    flags = _cpu_flags()
+    needs = {"avx512_bf16", "amx_bf16"} if dtype is torch.bfloat16 else {"amx_fp16"}
+    if flags is not None and not needs & flags:
+        raise ValueError(f"{option}={name}: this CPU lacks {' and '.join(sorted(needs))} "
+                         f"(fast {str(dtype).removeprefix('torch.')} arithmetic); use {option}=fp32 here")
+    if flags is None and device.type == "cpu" and not _autocast_works("cpu", dtype):
+        raise ValueError(f"{option}={name} is not supported on this CPU; use {option}=fp32 here")
+    return dtype
+
+
+def has_cxx_compiler() -> bool:
     return any(shutil.which(c) for c in filter(None, (os.environ.get("CXX"), "g++", "c++", "clang++")))
 
 
@@ -116,7 +151,7 @@ def compile_loss(model: torch.nn.Module, device: torch.device | str = "cpu", **o
     """Compile ``model.loss`` in place (an instance attribute over the method) and return the
     model. The first steps are slow (compiling; again for a new caption length until dynamo
     marks the length dynamic); later ones run the compiled graphs."""
-    if torch.device(device).type == "cpu" and not _has_cxx_compiler():
+    if torch.device(device).type == "cpu" and not has_cxx_compiler():
         raise ValueError("train.compile=true on CPU needs a C++ compiler (g++ or clang++, or set CXX)")
     model.loss = torch.compile(model.loss, **options)
     return model

@@ -102,8 +102,13 @@ class Run:
             batches = itertools.islice(batches, self.steps_left())
         yield (distributed.shard_batches(batches, self.ctx) if self.ctx.enabled else batches), None
         if self.finetuning() and self.state.batch < len(self.batches) and self.steps_left() >= 0:
-            yield self.finetune.image_batches(self.batches, epoch, self.train_records, self.state.batch,
-                                              max(self.steps_left(), 0)), self.finetune.encode
+            images = self.finetune.image_batches(self.batches, epoch, self.train_records, self.state.batch,
+                                                 max(self.steps_left(), 0))
+            if not self.ctx.enabled:
+                yield images, self.finetune.encode
+                return
+            self.compute.encode_images_with(self.finetune.encoder)  # the encoder then runs inside the DDP step
+            yield distributed.shard_batches(images, self.ctx), None
 
     def save(self, names: Sequence[str]) -> None:
         """``names`` (last.pt, best.pt) with everything needed to go on from here, written by rank 0."""
@@ -136,8 +141,6 @@ def prepare(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, out_di
     resume = ctx.on_main(lambda: resolve_resume(cfg.train.resume, out_dir))
     ckpt = ctx.on_main(lambda: load_checkpoint(resume)) if resume is not None else None
     precision = Precision(cfg.train.precision, device)  # autocast (+ loss scaling for fp16)
-    if cfg.encoder.finetune_after >= 0 and ctx.enabled:
-        raise ValueError("encoder.finetune_after is not supported under torchrun yet: fine-tune in one process")
     seed_everything(cfg.train.seed)
     log.info("device %s%s, outputs in %s", device, f" x {ctx.world_size} processes" if ctx.enabled else "", out_dir)
 

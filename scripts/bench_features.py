@@ -1,16 +1,25 @@
-"""Feature-extraction throughput: the whole pipeline against the CNN alone.
+"""Feature-extraction throughput: captioner's extraction against a plain eager fp32 pipeline.
 
-    python scripts/bench_features.py [--encoders efficientnet_lite0 vgg16] [--workers 0 1 2]
+    python scripts/bench_features.py [--encoders efficientnet_lite0 vgg16] [--repeats 3]
     python scripts/bench.py features ...
 
-pipeline: captioner.features.encode_images, the path extraction takes (JPEG decode + resize/crop
-in DataLoader workers, normalise + CNN in the main process); model: the same CNN, same batch
-size and threads, on images decoded beforehand. Goal: pipeline >= 85% of model. Random weights
-(speed doesn't depend on them). Images: the shared Flickr8k JPEGs when present, else JPEGs
-synthesised in a temporary folder. Model and pipeline runs alternate --repeats times; rates are
-the best run (the one least disturbed by other work on a shared machine), the ratio the median of
-the per-repeat ratios; the first batch of each run (worker start-up, warm-up) is not timed. The
-CPU-time columns don't depend on other work: they give the ratio two dedicated cores would reach.
+Every row is the whole pipeline (JPEG decode and resize/crop in DataLoader workers, normalise and
+CNN in the main process) over the same images, measured side by side in one process:
+
+- ``eager fp32`` (the reference, written here): the network as built, NCHW, no autocast, no
+  compilation: ``encoder(encoder.normalize(images))`` on each batch of the same DataLoader.
+- ``channels_last``: ``captioner.features.encode_images`` eager (``encoder.compile=false``).
+- ``default``: ``encode_images`` with the extraction defaults (channels_last, ``torch.compile``,
+  fp32, ``encoder.num_workers`` and batch size of the config).
+- ``bf16``: the default with ``encoder.precision=bf16``, where this CPU (AVX512-BF16 or AMX) or
+  GPU supports it.
+
+"model" is the same forward on images decoded beforehand: pipeline / model near 100% means
+decoding does not starve the CNN. Differences are the max |f - f_ref| / max |f_ref| over the
+features of every image against the eager fp32 reference. Random weights (speed does not depend
+on them); EfficientNet-Lite0 at 288 pixels (experiment=flickr8k), VGG16 at 224. Rates are the
+best of ``--repeats`` runs, variants interleaved; the first batch of each run (worker start-up,
+warm-up) is not timed, and compiling happens once before timing (its seconds are shown).
 """
 from __future__ import annotations
 
@@ -23,15 +32,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from captioner.encoders import build_encoder  # noqa: E402
-from captioner.features import encode_images  # noqa: E402
+from captioner.encoders import build_encoder, fast_forward  # noqa: E402
+from captioner.features import ImageFiles, collate, default_workers, encode_images  # noqa: E402
 from captioner.images import load_image  # noqa: E402
+from captioner.precision import inference_dtype  # noqa: E402
 
 FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k" / "images"
+SIZE = {"efficientnet_lite0": (288, 1.0)}  # (input_size, crop_pct) as experiment=flickr8k; others standard
 BATCH = {"vgg16": 16, "vgg19": 16}  # as conf/encoder/*.yaml
-NUM_IMAGES = {"vgg16": 48, "vgg19": 48}  # VGG is ~20x slower: fewer images give as long a run
+NUM_IMAGES = {"vgg16": 64, "vgg19": 64}  # VGG is ~5x slower: fewer images give as long a run
 
 
 def jpegs(folder: Path | None, count: int, tmp: str, size=(500, 375)) -> tuple[list[str], str]:
@@ -51,79 +63,122 @@ def jpegs(folder: Path | None, count: int, tmp: str, size=(500, 375)) -> tuple[l
     return paths, f"{count} synthetic {size[0]}x{size[1]} JPEGs"
 
 
-def model_rate(encoder, batches: list[torch.Tensor]) -> tuple[float, float]:
-    """(images/s, CPU ms per image: all threads, what the images cost whoever else runs)."""
-    with torch.inference_mode():
-        encoder(batches[0])  # warm-up
-        start, cpu = time.perf_counter(), time.process_time()
-        for x in batches[1:]:
-            encoder(x)
-    count = sum(len(x) for x in batches[1:])
-    return count / (time.perf_counter() - start), (time.process_time() - cpu) * 1e3 / count
+def eager_pipeline(encoder, paths, batch_size: int, workers: int):
+    """The reference: the same DataLoader, the network as built (NCHW, fp32, no compilation)."""
+    loader = DataLoader(ImageFiles(paths, encoder.crop), batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate)
+    for indices, images, _ in loader:
+        with torch.inference_mode():
+            yield indices, encoder(encoder.normalize(images)), []
 
 
-def pipeline_rate(encoder, paths: list[str], batch_size: int, workers: int) -> float:
-    count, start = 0, None
-    for indices, _, _ in encode_images(encoder, paths, batch_size, workers):
+def timed_pipeline(batches) -> tuple[float, np.ndarray]:
+    """(images/s after the first batch, every image's features)."""
+    count, start, feats = 0, None, []
+    for indices, out, _ in batches:
+        feats.append(out.float().numpy())
         if start is None:
             start = time.perf_counter()
         else:
             count += len(indices)
-    return count / (time.perf_counter() - start)
+    return count / (time.perf_counter() - start), np.concatenate(feats)
+
+
+def model_rate(forward, batches: list[torch.Tensor]) -> float:
+    with torch.inference_mode():
+        forward(batches[0])
+        start = time.perf_counter()
+        for x in batches[1:]:
+            forward(x)
+    return sum(len(x) for x in batches[1:]) / (time.perf_counter() - start)
+
+
+def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b).max() / np.abs(b).max())
 
 
 def run(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoders", nargs="+", default=["efficientnet_lite0", "vgg16"])
-    parser.add_argument("--workers", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads of the CNN")
-    parser.add_argument("--num-images", type=int, default=96, help="per run (VGG: 48); the first batch is not timed")
-    parser.add_argument("--batch-size", type=int, default=0, help="0: the encoder's config (32, VGG 16)")
+    parser.add_argument("--num-images", type=int, default=160, help="per run (VGG: 64); the first batch is not timed")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--images", type=Path, default=FLICKR, help="a folder of JPEGs (default: shared Flickr8k)")
     parser.add_argument("--synthetic", action="store_true", help="synthesise 500x375 JPEGs instead")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    workers = default_workers()
+    try:
+        inference_dtype("bf16", device)
+        precisions = ["fp32", "bf16"]
+    except ValueError as err:
+        precisions = ["fp32"]
+        print(f"no bf16 rows: {err}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         most = max(NUM_IMAGES.get(n, args.num_images) for n in args.encoders)
         all_paths, source = jpegs(None if args.synthetic else args.images, most, tmp)
-        print(f"images: {source}; torch threads {args.threads}; {os.cpu_count()} CPUs; {args.repeats} repeats; "
-              f"load average {os.getloadavg()[0]:.1f}")
+        print(f"images: {source}; torch threads {args.threads}; {os.cpu_count()} CPUs; DataLoader workers "
+              f"{workers} (the default); {args.repeats} repeats; load average {os.getloadavg()[0]:.1f}")
         for name in args.encoders:
+            size, pct = SIZE.get(name, (None, None))
             torch.manual_seed(0)
-            encoder = build_encoder(name, pretrained=False)
-            batch_size = args.batch_size or BATCH.get(name, 32)
+            encoder = build_encoder(name, pretrained=False, input_size=size, crop_pct=pct).to(device)
+            reference = build_encoder(name, pretrained=False, input_size=size, crop_pct=pct).to(device)
+            reference.load_state_dict(encoder.state_dict())
+            batch_size = BATCH.get(name, 32)
             paths = all_paths[: NUM_IMAGES.get(name, args.num_images)]
-            normalize, to_uint8, decode_ms = encoder.normalize, encoder.crop, float("inf")
-            for _ in range(args.repeats):  # what a worker does per image, in CPU time
-                cpu = time.process_time()
-                decoded = [to_uint8(load_image(p)) for p in paths]
-                decode_ms = min(decode_ms, (time.process_time() - cpu) * 1e3 / len(paths))
-            batches = list(normalize(torch.stack(decoded)).split(batch_size))
-            models, model_ms, pipes = [], float("inf"), {w: [] for w in args.workers}
-            for _ in range(args.repeats):  # interleaved, so a burst of other work hits both sides alike
-                rate, ms = model_rate(encoder, batches)
-                models.append(rate)
-                model_ms = min(model_ms, ms)
-                for w in args.workers:
-                    pipes[w].append(pipeline_rate(encoder, paths, batch_size, w))
-            for w in args.workers:
-                ratio = float(np.median([p / m for p, m in zip(pipes[w], models)]))
-                rows.append({"encoder": name, "batch_size": batch_size, "workers": w, "threads": args.threads,
-                             "images": len(paths), "model_img_s": round(max(models), 2),
-                             "pipeline_img_s": round(max(pipes[w]), 2), "ratio": round(ratio, 3),
-                             "decode_cpu_ms": round(decode_ms, 2), "model_cpu_ms": round(model_ms, 1),
-                             "cpu_bound": round(model_ms / (model_ms + decode_ms), 3)})
-    print(f"{'encoder':<19}{'batch':>6}{'workers':>8}{'threads':>8}{'model img/s':>12}{'pipeline img/s':>15}{'ratio':>6}"
-          f"{'decode CPU ms':>14}{'model CPU ms':>13}{'CPU bound':>10}")
+            decoded = torch.stack([encoder.crop(load_image(p)) for p in paths]).to(device)
+            batches = list(decoded.split(batch_size))
+            variants = {"eager fp32": None, "channels_last": ("fp32", False),
+                        **{("default" if p == "fp32" else p): (p, True) for p in precisions}}
+            forwards, warmup = {}, {}
+            for label, options in variants.items():
+                if options is None:
+                    forwards[label] = lambda x, e=reference: e(e.normalize(x))
+                    warmup[label] = 0.0
+                    continue
+                forward = fast_forward(encoder, device, batch_size, *options)
+                start = time.perf_counter()
+                with torch.inference_mode():  # compiles here, not in a timed run
+                    forward(batches[0])
+                    forward(batches[-1])
+                warmup[label] = time.perf_counter() - start
+                forwards[label] = forward
+            rates = {label: [] for label in variants}
+            models = {label: [] for label in variants}
+            feats = {}
+            for _ in range(args.repeats):
+                for label, options in variants.items():
+                    if options is None:
+                        rate, out = timed_pipeline(eager_pipeline(reference, paths, batch_size, workers))
+                    else:
+                        precision, compiled = options
+                        rate, out = timed_pipeline(encode_images(encoder, paths, batch_size, workers, device,
+                                                                 precision=precision, compile=compiled))
+                    rates[label].append(rate)
+                    models[label].append(model_rate(forwards[label], batches))
+                    feats[label] = out
+            base = max(rates["eager fp32"])
+            for label in variants:
+                rows.append({"encoder": name, "input": encoder.transform_spec()["crop"], "variant": label,
+                             "batch_size": batch_size, "pipeline_img_s": round(max(rates[label]), 2),
+                             "model_img_s": round(max(models[label]), 2),
+                             "speedup": round(max(rates[label]) / base, 2),
+                             "max_rel_diff": relative_difference(feats[label], feats["eager fp32"]),
+                             "warmup_s": round(warmup[label], 1)})
+    print(f"{'encoder':<19}{'px':>4}{'variant':>15}{'batch':>6}{'pipeline img/s':>15}{'model img/s':>12}"
+          f"{'vs eager':>9}{'max rel diff':>13}{'compile s':>10}")
     for r in rows:
-        print(f"{r['encoder']:<19}{r['batch_size']:>6}{r['workers']:>8}{r['threads']:>8}{r['model_img_s']:>12.1f}"
-              f"{r['pipeline_img_s']:>15.1f}{r['ratio']:>6.0%}{r['decode_cpu_ms']:>14.2f}{r['model_cpu_ms']:>13.1f}"
-              f"{r['cpu_bound']:>10.0%}")
-    print(f"load average now {os.getloadavg()[0]:.1f} (other processes competing for the CPUs lower both figures).")
-    print("img/s: best run; ratio: pipeline / model, wall clock, median over the interleaved runs. CPU bound: model / (model + decode) CPU per image, the ratio "
-          "when decoding takes cores from the CNN but nothing else does.")
+        print(f"{r['encoder']:<19}{r['input']:>4}{r['variant']:>15}{r['batch_size']:>6}{r['pipeline_img_s']:>15.1f}"
+              f"{r['model_img_s']:>12.1f}{r['speedup']:>8.2f}x{r['max_rel_diff']:>13.1e}{r['warmup_s']:>10.1f}")
+    for name in args.encoders:
+        default = next(r for r in rows if r["encoder"] == name and r["variant"] == "default")
+        print(f"{name}: speed-up over eager fp32: {default['speedup']:.1f}x "
+              f"(features max relative difference {default['max_rel_diff']:.1e})")
+    print(f"load average now {os.getloadavg()[0]:.1f} (other processes competing for the CPUs lower every figure).")
     return rows
 
 

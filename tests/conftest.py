@@ -19,6 +19,7 @@ TINY = [
     "data.min_count=1",
     "encoder.pretrained=false",
     "encoder.batch_size=16",
+    "encoder.compile=false",
     "model.embed_dim=32",
     "model.hidden_dim=48",
     "train.epochs=2",
@@ -31,8 +32,13 @@ TINY = [
 
 
 def compose_config(config_name: str = "train", overrides=()):
+    """The config as the command line composes it; the encoder eager unless a test says otherwise
+    (compiling a CNN costs tens of seconds, more than a tiny extraction)."""
+    overrides = list(overrides)
+    if config_name in ("train", "extract") and not any(o.startswith("encoder.compile=") for o in overrides):
+        overrides.append("encoder.compile=false")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name, overrides=list(overrides))
+        return compose(config_name, overrides=overrides)
 
 
 @pytest.fixture(scope="session")

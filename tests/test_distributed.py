@@ -3,6 +3,7 @@ same global batch, and exact resume of a stopped multi-process run."""
 import random
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,3 +89,39 @@ def test_torchrun_run_stopped_by_sigterm_resumes_exactly(tmp_path, shapes_root):
         assert torch.equal(a["model"][name], b["model"][name]), name
     strip = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]  # noqa: E731
     assert strip(a["history"]) == strip(b["history"])
+
+
+@pytest.mark.slow
+def test_torchrun_extraction_writes_the_cache_one_process_writes(tmp_path, one_thread):
+    """Two ranks encode their halves of each split (an odd number of images, an unreadable one in
+    rank 0's half) into one cache: the same rows, skipped list and manifest as one process."""
+    import json
+    import sys
+
+    import numpy as np
+
+    from captioner.datasets import load_records
+    from captioner.extract import extract
+    from trainrun import ROOT
+
+    common = [f"data.root={tmp_path / 'shapes'}", "data.num_train=9", "data.num_val=5", "data.num_test=4",
+              "data.image_size=32", "data.on_bad_image=skip", "encoder.pretrained=false", "encoder.batch_size=2",
+              "encoder.cache_dtype=float32", "train.device=cpu", "train.progress=false"]
+    cfg = compose_config("extract", [*common, f"encoder.cache_dir={tmp_path / 'first'}"])
+    extract(cfg)  # generates the data set
+    Path(load_records(cfg.data)["train"][1].path).write_bytes(b"not an image")
+    extract(compose_config("extract", [*common, f"encoder.cache_dir={tmp_path / 'one'}"]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "captioner.extract", *common, "encoder.compile=false",
+                           f"encoder.cache_dir={tmp_path / 'two'}", f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("train: 8 images x 1280 float32 (computed 9 in") == 1  # rank 0 reports the job
+    for split, rows in (("train", 8), ("val", 5), ("test", 4)):
+        one, two = (json.loads((tmp_path / d / f"efficientnet_lite0_{split}.json").read_text()) for d in ("one", "two"))
+        assert two == one and two["rows"] == rows
+        np.testing.assert_allclose(np.load(tmp_path / "two" / f"efficientnet_lite0_{split}.npy"),
+                                   np.load(tmp_path / "one" / f"efficientnet_lite0_{split}.npy"), rtol=1e-6, atol=1e-6)
+    skipped = json.loads((tmp_path / "two" / "efficientnet_lite0_train.json").read_text())["skipped"]
+    assert [s["index"] for s in skipped] == [1]
+    assert not list((tmp_path / "two").glob("*partial*"))

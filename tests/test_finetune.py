@@ -124,3 +124,45 @@ def test_resume_during_fine_tuning_matches_uninterrupted_run(reference, tmp_path
     assert_same_state(a, b)
     for name in a["encoder"]:
         assert torch.equal(a["encoder"][name], b["encoder"][name]), name
+
+
+@pytest.mark.slow
+def test_fine_tuning_under_torchrun_matches_one_process(reference, tmp_path, one_thread):
+    """Two ranks, shards of 8 of the 16 captions, two cached steps then one fine-tuning step: the
+    decoder's weights and the encoder's gradient (a DDP of its own from step 2) are one process's.
+
+    The CNN's gradient cannot match to 1e-5: one process alone gets it 5.6e-4 apart (relative
+    norm) from a batch of 16 and from two batches of 8 (oneDNN's kernels round differently per
+    batch size). Adam's first step moves a weight by lr * g / (|g| + eps), about lr * sign(g), so
+    a weight whose gradient is within that rounding of 0 may step either way; every other weight
+    must land where one process puts it."""
+    import subprocess
+
+    from trainrun import command, env
+
+    overrides = ["model.dropout=0", "encoder.finetune_lr=1e-3", "train.max_steps=3"]  # (ranks draw own dropout)
+    train(cfg_for(reference["root"], tmp_path / "one", *overrides))
+    module = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "captioner.train")
+    proc = subprocess.run(command(reference["root"], tmp_path / "two", *RUN, *overrides, module=module),
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = load_checkpoint(tmp_path / "one" / "last.pt"), load_checkpoint(tmp_path / "two" / "last.pt")
+    assert one["step"] == two["step"] == 3 and two["world_size"] == 2
+    for name, tensor in one["model"].items():
+        torch.testing.assert_close(two["model"][name], tensor, rtol=0, atol=1e-5, msg=name)
+
+    from captioner.encoders import build_encoder
+
+    pretrained = build_encoder("efficientnet_lite0")
+    # the encoder's parameter group, in named_parameters order; Adam's exp_avg is (1 - beta1) g
+    ids, state = one["optimizer"]["param_groups"][1]["params"], one["optimizer"]["state"]
+    trained = [(i, name, p) for i, (name, p) in zip(ids, pretrained.named_parameters()) if i in state]
+    g1, g2 = (torch.cat([ckpt["optimizer"]["state"][i]["exp_avg"].flatten() for i, _, _ in trained])
+              for ckpt in (one, two))
+    assert ((g1 - g2).norm() / g1.norm()).item() < 1e-3  # unsynced half-batch gradients differ by O(1)
+    w1, w2 = (torch.cat([ckpt["encoder"][name].flatten() for _, name, _ in trained]) for ckpt in (one, two))
+    w0 = torch.cat([p.detach().flatten() for _, _, p in trained])
+    clear = g1.abs() > 1e-3 * g1.abs().max()  # gradients well clear of their rounding: a third of them
+    assert clear.sum() > 0.25 * clear.numel()
+    torch.testing.assert_close(w2[clear], w1[clear], rtol=0, atol=1e-5)
+    assert (w1[clear] - w0[clear]).abs().min() > 5e-4  # each of them took a step of about lr
