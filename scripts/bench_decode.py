@@ -17,7 +17,8 @@ blocking, no early stop. captioner's greedy is timed against it twice: on the ra
 (nothing ends early: the cost of its bookkeeping alone) and on the same model with the <eos>
 logit raised until greedy captions average ``--words`` words, as a trained model's do (there
 greedy stops computing the captions that have ended).
-All rows are measured side by side in one process; the best of ``--repeats`` runs is kept.
+All rows are measured side by side in one process, the rows interleaved within each of the
+``--repeats`` rounds (a burst of other work then hits every row alike); the best round counts.
 """
 from __future__ import annotations
 
@@ -35,13 +36,15 @@ from captioner.models.show_tell import ShowTell  # noqa: E402
 from captioner.vocab import BOS_ID, EOS_ID  # noqa: E402
 
 
-def _best_time(fn, repeats: int) -> tuple[float, object]:
-    best, result = float("inf"), None
+def _best_times(cases: dict, repeats: int) -> dict[str, tuple[float, object]]:
+    """{name: (best seconds, last output)}, every case run once per round."""
+    best = {name: (float("inf"), None) for name in cases}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            out = fn()
+            best[name] = (min(best[name][0], time.perf_counter() - start), out)
+    return best
 
 
 @torch.no_grad()
@@ -92,7 +95,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
                         help="mean greedy caption length of the second model (COCO greedy captions: about 9)")
     parser.add_argument("--beam-size", type=int, default=3)
     parser.add_argument("--length-penalty", default="none", choices=["none", "average", "gnmt"])
-    parser.add_argument("--repeats", type=int, default=3, help="runs per row; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds; each row's fastest counts")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default); on a busy shared machine 1 is steadier")
@@ -134,8 +137,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
     }
     generate(model, features[:2], "beam", **beam)  # warm-up: first-call allocations and kernel setup
     rows = []
-    for name, fn in cases.items():
-        seconds, out = _best_time(fn, args.repeats)
+    for name, (seconds, out) in _best_times(cases, args.repeats).items():
         outs = out if isinstance(out, list) else [out]
         words = [len(seq) for o in outs for seq in (until_eos(o) if isinstance(o, torch.Tensor) else o.sequences)]
         rows.append({
