@@ -85,11 +85,17 @@ def timed_pipeline(batches) -> tuple[float, np.ndarray]:
 
 
 def model_rate(forward, batches: list[torch.Tensor]) -> float:
+    def sync():
+        if batches[0].is_cuda:
+            torch.cuda.synchronize()
+
     with torch.inference_mode():
         forward(batches[0])
+        sync()
         start = time.perf_counter()
         for x in batches[1:]:
             forward(x)
+        sync()
     return sum(len(x) for x in batches[1:]) / (time.perf_counter() - start)
 
 
