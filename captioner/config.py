@@ -210,6 +210,8 @@ class TrainConfig:
     monitor: str = choice("Bleu_4", ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "CIDEr"))
     progress: bool = True
     plot: bool = True
+    # TensorBoard events under <run>/tensorboard; null: when the tensorboard package is installed
+    tensorboard: Optional[bool] = None
     resume: Optional[str] = None  # PATH (a last.pt/best.pt, or a run directory) | auto (out_dir/last.pt if any)
     # start from a trained checkpoint's weights and vocabulary (e.g. self-critical training after
     # cross-entropy), with a fresh optimizer and schedule

@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from captioner import distributed
+from captioner.board import Board
 from captioner.checkpoint import (BEST, LAST, TrainState, load_checkpoint, load_weights, resolve_resume,
                                   restore_training, rng_state, save_checkpoint, training_checkpoint)
 from captioner.config import validate
@@ -77,6 +78,7 @@ class Run:
     val_records: list
     val_features: np.ndarray
     state: TrainState
+    board: Board
     saved_step: Optional[int] = None  # the step last.pt holds, once this run has written or read one
 
     @property
@@ -141,6 +143,7 @@ def prepare(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, out_di
     resume = ctx.on_main(lambda: resolve_resume(cfg.train.resume, out_dir))
     ckpt = ctx.on_main(lambda: load_checkpoint(resume)) if resume is not None else None
     precision = Precision(cfg.train.precision, device)  # autocast (+ loss scaling for fp16)
+    Board.writer_class(cfg.train.tensorboard)  # train.tensorboard=true without the package fails here
     seed_everything(cfg.train.seed)
     log.info("device %s%s, outputs in %s", device, f" x {ctx.world_size} processes" if ctx.enabled else "", out_dir)
 
@@ -200,12 +203,15 @@ def prepare(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, out_di
                  state.batch, len(batches))
     else:
         distributed.seed_rank(cfg.train.seed, ctx)
+    board = Board()
     if ctx.is_main:  # (after the checkpoint check: a run that does not fit changes nothing in out_dir)
+        # a resumed run drops the events logged after its checkpoint
+        board = Board.open(cfg.train.tensorboard, out_dir, state.step + 1 if ckpt is not None else None)
         vocab.save(out_dir / "vocab.json")
         write_metrics(out_dir / "metrics.jsonl", state.history)  # drops rows of epochs last.pt does not have
     return Run(cfg, ctx, device, out_dir, vocab, records["train"], feature_dim, batches, model, average, optimizer,
                scheduler, precision, distributed.wrap(model, objective, ctx, device), finetune,
-               records[val_split][:limit], features[val_split][:limit], state,
+               records[val_split][:limit], features[val_split][:limit], state, board,
                saved_step=state.step if ckpt is not None else None)
 
 
@@ -216,6 +222,7 @@ def fit(run: Run, stop: StopSignals) -> dict[str, Any]:
     cfg, state, ctx = run.cfg, run.state, run.ctx
     monitor = cfg.train.monitor
     started = time.perf_counter()
+    board = run.board
 
     def on_step(out, loss: float) -> None:
         if run.average is not None:
@@ -225,6 +232,7 @@ def fit(run: Run, stop: StopSignals) -> dict[str, Any]:
         for name, value in out.figures.items():
             state.figure_sums[name] = state.figure_sums.get(name, 0.0) + value * out.weight
         state.seconds = time.perf_counter() - started
+        board.step(state.step, loss, run.scheduler.get_last_lr()[0], out.figures)
         if cfg.train.log_every and state.step % cfg.train.log_every == 0:
             figures = "".join(f" | train/{k} {v:.4f}" for k, v in out.figures.items())
             log.info("step %d | epoch %d batch %d/%d | train/loss %.4f%s | lr %.3g", state.step, state.epoch + 1,
@@ -251,8 +259,8 @@ def fit(run: Run, stop: StopSignals) -> dict[str, Any]:
                                     compute=run.compute)
             train_loss = state.loss_sum / max(state.weight, 1)
             val_features = run.finetune.features(run.val_records) if run.finetuning() else run.val_features
-            scores, _ = evaluate(run.eval_model, val_features, run.val_records, run.vocab, cfg.decode, run.device,
-                                 metrics=("bleu", "cider"), shards=ctx if ctx.enabled else None)
+            scores, results = evaluate(run.eval_model, val_features, run.val_records, run.vocab, cfg.decode,
+                                       run.device, metrics=("bleu", "cider"), shards=ctx if ctx.enabled else None)
             row = {"epoch": epoch + 1, "step": state.step, "train/loss": round(train_loss, 5),
                    **{f"train/{k}": round(v / max(state.weight, 1), 5) for k, v in state.figure_sums.items()},
                    "lr": run.scheduler.get_last_lr()[0], "time_s": round(time.perf_counter() - started, 2),
@@ -260,6 +268,7 @@ def fit(run: Run, stop: StopSignals) -> dict[str, Any]:
             log.info("epoch %d step %d | train/loss %.3f | val/Bleu_1 %.3f val/Bleu_4 %.3f val/CIDEr %.3f | %.1fs",
                      epoch + 1, state.step, train_loss, scores["Bleu_1"], scores["Bleu_4"], scores["CIDEr"],
                      row["time_s"])
+            board.epoch(state.step, row, results, run.val_records)
             improved = state.end_epoch(row, scores[monitor])
             run.save([LAST, BEST] if improved else [LAST])
             if ctx.is_main:
@@ -270,6 +279,7 @@ def fit(run: Run, stop: StopSignals) -> dict[str, Any]:
         raise FloatingPointError(f"step {state.step + 1}: {err}; stopped, {kept}") from None
     finally:
         stop.armed, stop.phase = False, f"after training ({run.out_dir / LAST} holds step {state.step})"
+        board.close()
 
     if not state.history:
         return {"step": state.step, "epoch": state.epoch}

@@ -1,0 +1,66 @@
+"""TensorBoard logging (train.tensorboard): the event files hold what the run logged, and a run
+without the package trains the same."""
+import json
+import logging
+import sys
+
+import pytest
+import torch
+
+from captioner.checkpoint import load_checkpoint
+from captioner.trainer import train
+from conftest import TINY, compose_config
+from trainrun import one_thread  # noqa: F401 (fixture)
+
+pytest.importorskip("tensorboard")  # the dev extra installs it
+
+
+def events(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_event_files_hold_the_steps_the_epochs_and_captions(tiny_cfg, tmp_path, one_thread):
+    final = train(tiny_cfg("train.log_every=0"))
+    run_dir = tmp_path / "run"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    board = events(run_dir)
+    tags = board.Tags()["scalars"]
+    steps = board.Scalars("train/step_loss")
+    assert [s.step for s in steps] == list(range(1, final["step"] + 1))
+    assert len(board.Scalars("lr")) == final["step"]
+    for metric in ("val/Bleu_4", "val/CIDEr", "train/loss"):
+        assert metric in tags
+        logged = board.Scalars(metric)
+        assert [s.step for s in logged] == [r["step"] for r in rows]
+        assert [s.value for s in logged] == pytest.approx([r[metric] for r in rows], rel=1e-6)
+    text = board.Tensors("val/captions/text_summary")
+    assert len(text) == len(rows)
+    assert b"**" in text[-1].tensor_proto.string_val[0]  # image id, its caption, then its references
+
+
+def test_without_the_package_training_is_unchanged_and_says_so_once(shapes_root, tmp_path, monkeypatch, caplog,
+                                                                    one_thread):
+    def cfg(out, *overrides):
+        return compose_config("train", [*TINY, f"data.root={shapes_root}", f"train.out_dir={tmp_path / out}",
+                                        *overrides])
+
+    with_board = train(cfg("with"))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    with caplog.at_level(logging.INFO, logger="captioner.board"):
+        without = train(cfg("without"))
+    assert not (tmp_path / "without" / "tensorboard").exists()
+    assert [r.getMessage() for r in caplog.records if r.name == "captioner.board"] == [
+        "TensorBoard logging off: the tensorboard package is not installed (pip install tensorboard)"]
+    drop = {"time_s"}
+    assert {k: v for k, v in without.items() if k not in drop} == {k: v for k, v in with_board.items() if k not in drop}
+    a, b = load_checkpoint(tmp_path / "with" / "last.pt"), load_checkpoint(tmp_path / "without" / "last.pt")
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+
+    with pytest.raises(ValueError, match="train.tensorboard=true needs the tensorboard package"):
+        train(cfg("required", "train.tensorboard=true"))
+    assert not (tmp_path / "required" / "metrics.jsonl").exists()  # refused before any data work
