@@ -19,9 +19,14 @@ def _run_dir_is_free(cfg) -> None:
 
 def _train(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN and cfg.train.out_dir is not None:
+        raise ValueError("train.out_dir names one directory for every job of a sweep (-m): leave it out, each job "
+                         "runs in hydra.sweep.dir/<its overrides>")
     if cfg.train.out_dir is None:  # Hydra's run directory: train.out_dir, the resumed run's, or a dated one
-        cfg.train.out_dir = HydraConfig.get().runtime.output_dir
+        cfg.train.out_dir = hydra_cfg.runtime.output_dir
     train(cfg)
 
 

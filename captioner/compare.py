@@ -1,0 +1,199 @@
+"""python -m captioner.compare DIR [DIR ...] [--out PREFIX]: one table of the training runs under
+the given directories (a sweep's, a few runs', or one run's).
+
+A run is a directory holding ``metrics.jsonl`` and Hydra's ``.hydra/config.yaml``. Runs whose
+configs differ only in ``train.seed`` (and in where and how they ran: paths, resume, progress,
+logging) are one setting; the table has a row per setting, named by the config values that differ
+between settings, with the mean and standard deviation over its runs of each figure and the
+number of runs. Figures: the validation metrics of each run's best epoch (by its
+``train.monitor``), and the scores of any ``metrics_<split>_<decode>.json`` that
+``captioner.evaluate`` wrote in the run directory. Writes ``PREFIX.md`` and ``PREFIX.csv`` with
+the same table and ``PREFIX.png`` with every setting's validation curve (the monitored metric),
+the mean over seeds with the spread of the runs shaded. PREFIX defaults to
+``<first DIR>/comparison``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+# config keys that say where or how a run ran, not what it computed
+BOOKKEEPING = ("train.seed", "train.out_dir", "train.resume", "train.progress", "train.log_every",
+               "train.save_every", "train.plot", "train.tensorboard", "train.device", "data.root",
+               "encoder.cache_dir", "encoder.num_workers", "encoder.compile", "train.init_from")
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, object]  # flattened: "model.inject" -> "every_step"
+    history: list[dict]
+    figures: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Setting:
+    name: str
+    runs: list[Run]
+
+    def stats(self, figure: str) -> tuple[Optional[float], Optional[float]]:
+        values = [r.figures[figure] for r in self.runs if figure in r.figures]
+        if not values:
+            return None, None
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _flatten(node, prefix: str = "") -> dict[str, object]:
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    out: dict[str, object] = {}
+    for key, value in node.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def load_run(path: Path) -> Optional[Run]:
+    """The run in ``path``, or None when it has no finished epoch or no config."""
+    import yaml
+
+    config_file = path / ".hydra" / "config.yaml"
+    metrics = path / "metrics.jsonl"
+    if not (config_file.is_file() and metrics.is_file()):
+        return None
+    history = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not history:
+        return None
+    config = _flatten(yaml.safe_load(config_file.read_text(encoding="utf-8")) or {})
+    monitor = f"val/{config.get('train.monitor', 'Bleu_4')}"
+    best = max((row for row in history if monitor in row), key=lambda row: row[monitor], default=history[-1])
+    figures = {k: v for k, v in best.items() if k.startswith("val/") and isinstance(v, (int, float))}
+    figures["epochs"] = float(history[-1]["epoch"])
+    for scores in sorted(path.glob("metrics_*_*.json")):  # captioner.evaluate: metrics_<split>_<decode>.json
+        split_decode = scores.stem.removeprefix("metrics_")
+        for name, value in json.loads(scores.read_text(encoding="utf-8")).items():
+            if isinstance(value, (int, float)):
+                figures[f"{split_decode}/{name}"] = float(value)
+    return Run(path, config, history, figures)
+
+
+def find_runs(directories: Sequence[Path]) -> list[Run]:
+    runs = []
+    for directory in directories:
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{directory}: no such directory")
+        candidates = [directory] + sorted(p.parent for p in directory.rglob("metrics.jsonl") if p.parent != directory)
+        runs += [run for run in map(load_run, candidates) if run is not None]
+    if not runs:
+        raise FileNotFoundError(f"no training runs (a metrics.jsonl beside .hydra/config.yaml) under "
+                                f"{', '.join(map(str, directories))}")
+    return runs
+
+
+def settings(runs: Sequence[Run]) -> list[Setting]:
+    """Runs grouped by their config without the bookkeeping keys; each named by the keys whose
+    values differ between the groups (in the order of the first run that has them)."""
+    def key(run: Run) -> tuple:
+        return tuple(sorted((k, repr(v)) for k, v in run.config.items() if not k.startswith(BOOKKEEPING)))
+
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(key(run), []).append(run)
+    keys = [dict(k) for k in groups]
+    differing = [k for k in dict.fromkeys(name for g in keys for name in g) if len({g.get(k) for g in keys}) > 1]
+    named = []
+    for group_key, members in groups.items():
+        values = dict(group_key)
+        name = " ".join(f"{k}={members[0].config.get(k)}" for k in differing if k in values) or "(all runs)"
+        named.append(Setting(name, members))
+    return named
+
+
+def table(groups: Sequence[Setting]) -> tuple[list[str], list[list[str]]]:
+    figures = list(dict.fromkeys(f for g in groups for r in g.runs for f in r.figures if f != "epochs"))
+    header = ["setting", "runs", *figures]
+    rows = []
+    for g in groups:
+        cells = [g.name, str(len(g.runs))]
+        for figure in figures:
+            mean, std = g.stats(figure)
+            cells.append("-" if mean is None else f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}"))
+        rows.append(cells)
+    return header, rows
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(groups: Sequence[Setting], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from captioner.io import atomic_write
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    monitor = None
+    for g in groups:
+        monitor = f"val/{g.runs[0].config.get('train.monitor', 'Bleu_4')}"
+        epochs = sorted({row["epoch"] for r in g.runs for row in r.history if monitor in row})
+        per_epoch = [[row[monitor] for r in g.runs for row in r.history if row["epoch"] == e and monitor in row]
+                     for e in epochs]
+        mean = [statistics.fmean(v) for v in per_epoch]
+        (line,) = ax.plot(epochs, mean, "o-", label=f"{g.name} ({len(g.runs)})")
+        low, high = [min(v) for v in per_epoch], [max(v) for v in per_epoch]
+        ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{monitor} (mean over runs; shaded: min to max)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+
+
+def compare(directories: Sequence[Path], prefix: Optional[Path] = None) -> tuple[str, list[Setting]]:
+    """The Markdown table of the runs under ``directories``, also written (with the CSV and the
+    curves) to ``prefix``.md/.csv/.png."""
+    from captioner.io import atomic_write_text
+
+    groups = settings(find_runs([Path(d) for d in directories]))
+    header, rows = table(groups)
+    text = markdown(header, rows)
+    prefix = Path(prefix) if prefix else Path(directories[0]) / "comparison"
+    atomic_write_text(prefix.with_suffix(".md"), text)
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([header, *rows])
+    atomic_write_text(prefix.with_suffix(".csv"), buffer.getvalue())
+    plot(groups, prefix.with_suffix(".png"))
+    return text, groups
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m captioner.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("directories", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="prefix of the .md, .csv and .png written")
+    args = parser.parse_args(argv)
+    from captioner.cli import known_errors
+
+    with known_errors():
+        text, groups = compare(args.directories, args.out)
+    print(text, end="")
+    prefix = args.out or args.directories[0] / "comparison"
+    print(f"{sum(len(g.runs) for g in groups)} runs, {len(groups)} settings; wrote {prefix}.md, .csv, .png")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
