@@ -257,6 +257,9 @@ class EvaluateRunConfig:
     output_dir: Optional[str] = None  # default: beside the checkpoint
     device: str = "auto"
     progress: bool = True
+    # also the error-analysis page errors_<split>_<decode>.html: every image, its caption and
+    # references, its own CIDEr-D and BLEU-4, worst first (attention decoders: their strips)
+    html: bool = False
 
 
 @dataclass

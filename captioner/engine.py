@@ -187,18 +187,19 @@ def decode_features(model, features: np.ndarray, vocab: Vocabulary, decode_cfg, 
 
 def evaluate(model, features: np.ndarray, records: Sequence[ImageRecord], vocab: Vocabulary, decode_cfg,
              device, metrics: Sequence[str] = ("bleu",), tokenizer: str = "python",
-             progress: bool = False, shards=None) -> tuple[dict[str, Optional[float]], list[dict]]:
+             progress: bool = False, shards=None, attention: bool = False) -> tuple[dict[str, Optional[float]], list[dict]]:
     """Decode every image of a split and score against its references.
 
     Returns (scores, results) where results is in the COCO results format
-    ``[{"image_id", "caption"}]`` (plus the score and n-best list when decoded).
+    ``[{"image_id", "caption"}]`` (plus the score and n-best list when decoded, and with
+    ``attention`` the words and their maps, as ``decode_features`` gives them).
     ``shards`` (a ``captioner.distributed.Dist``) splits the decoding across data-parallel
     processes: each decodes its ``part`` of the images and every one scores all of them.
     """
     from captioner.metrics import score_captions
 
     rows = range(len(features)) if shards is None else shards.part(len(features))
-    decoded = decode_features(model, features[rows.start : rows.stop], vocab, decode_cfg, device, progress)
+    decoded = decode_features(model, features[rows.start : rows.stop], vocab, decode_cfg, device, progress, attention)
     for item in decoded:
         item["row"] += rows.start
     if shards is not None:

@@ -88,9 +88,10 @@ def ensemble_with(first: str, model, vocab, ckpt_cfg, checkpoints: Sequence[str]
 def evaluate_checkpoint(checkpoint: str, split: str = "test", decode_cfg=None, data_cfg=None,
                         metrics=("bleu", "meteor", "rouge", "cider"), tokenizer: str = "auto",
                         output_dir: Optional[str] = None, device: str = "auto",
-                        progress: bool = True, ensemble: Sequence[str] = ()) -> dict[str, Any]:
+                        progress: bool = True, ensemble: Sequence[str] = (), html: bool = False) -> dict[str, Any]:
     """Decode ``split`` with the checkpoint's model (with the ``ensemble`` checkpoints' models,
-    as one ensemble, when given) and score it; returns the scores."""
+    as one ensemble, when given) and score it; returns the scores. ``html`` also writes the
+    error-analysis page (``captioner.analysis``), with attention strips for an attention decoder."""
     from captioner.engine import evaluate
 
     device = resolve_device(device)
@@ -99,20 +100,47 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", decode_cfg=None, d
         model = ensemble_with(checkpoint, model, vocab, ckpt_cfg, ensemble, device)
     data_cfg = data_cfg if data_cfg is not None else ckpt_cfg.data
     decode_cfg = decode_cfg if decode_cfg is not None else ckpt_cfg.decode
+    attention = html and not ensemble and bool(getattr(model, "reads_grid", False))
     scores, results = evaluate(model, features, records, vocab, decode_cfg, device, metrics=list(metrics),
-                               tokenizer=tokenizer, progress=progress)
+                               tokenizer=tokenizer, progress=progress, attention=attention)
 
     out = Path(output_dir) if output_dir else Path(checkpoint).resolve().parent
     tag = f"{split}_{decode_cfg.method}" + (f"_ensemble{len(ensemble) + 1}" if ensemble else "")
     results_file, metrics_file = out / f"results_{tag}.json", out / f"metrics_{tag}.json"
-    atomic_write_text(results_file, json.dumps(results, ensure_ascii=False))
+    coco = [{k: v for k, v in r.items() if k not in ("words", "attention")} for r in results]
+    atomic_write_text(results_file, json.dumps(coco, ensure_ascii=False))
     report = {"checkpoint": str(checkpoint), **({"ensemble": list(ensemble)} if ensemble else {}),
               "split": split, "data": data_cfg.name, "num_images": len(records),
               "decode": OmegaConf.to_container(decode_cfg), "scale": "0-1", "scores": scores}
     atomic_write_text(metrics_file, json.dumps(report, indent=1))
     log.info("%s images of %s/%s: %s", len(records), data_cfg.name, split, format_scores(scores))
     log.info("wrote %s and %s", results_file, metrics_file)
+    if html:
+        page = error_page(out / f"errors_{tag}.html", results, records, scores, tokenizer, ckpt_cfg,
+                          f"{data_cfg.name} {split}, {decode_cfg.method}: {checkpoint}", attention)
+        log.info("wrote %s", page)
     return scores
+
+
+def error_page(path: Path, results, records, scores, tokenizer: str, ckpt_cfg, title: str, attention: bool) -> Path:
+    """The error-analysis page: per-image CIDEr-D and BLEU-4 by the toolkit's arithmetic on the
+    tokens the corpus scores read."""
+    from captioner.analysis import write_error_page
+    from captioner.encoders import encoder_from_config
+    from captioner.metrics import image_scores
+
+    references = {r.image_id: list(r.captions) for r in records}
+    per_image = image_scores(references, {r["image_id"]: r["caption"] for r in results}, tokenizer)
+    view = None
+    if attention:  # the crop the encoder read, which the maps cover
+        from torchvision.transforms.functional import to_pil_image
+
+        crop = encoder_from_config(ckpt_cfg.encoder, pretrained=False, weights=None).crop
+
+        def view(image):
+            return to_pil_image(crop(image.convert("RGB")))
+    corpus = {k: v for k, v in scores.items() if isinstance(v, float)}
+    return write_error_page(path, results, records, per_image, corpus, title, view=view)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -125,7 +153,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError("give checkpoint=PATH (decode and score a split) or results=FILE annotations=FILE")
     else:
         scores = evaluate_checkpoint(cfg.checkpoint, cfg.split, cfg.decode, cfg.data, cfg.metrics, cfg.tokenizer,
-                                     cfg.output_dir, cfg.device, cfg.progress, list(cfg.ensemble))
+                                     cfg.output_dir, cfg.device, cfg.progress, list(cfg.ensemble), cfg.html)
     print(format_scores(scores, digits=4))
     return scores
 

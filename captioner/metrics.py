@@ -28,7 +28,7 @@ from pycocoevalcap.tokenizer import ptbtokenizer
 
 from captioner.tokenizer import PUNCTUATIONS, as_line, tokenize_lines
 
-__all__ = ["METRICS", "score_captions", "score_results_file", "format_scores", "java_available"]
+__all__ = ["METRICS", "score_captions", "image_scores", "score_results_file", "format_scores", "java_available"]
 
 # Metric name -> the score keys it produces, in the toolkit's order.
 METRICS: dict[str, tuple[str, ...]] = {
@@ -69,6 +69,23 @@ def score_captions(references: Mapping[ImageId, Sequence[str]], candidates: Mapp
     for metric in metrics:
         scores.update(_SCORERS[metric](gts, res))
     return scores
+
+
+def image_scores(references: Mapping[ImageId, Sequence[str]], candidates: Mapping[ImageId, str],
+                 tokenizer: str = "auto") -> dict[ImageId, dict[str, float]]:
+    """Each candidate image's own CIDEr-D and BLEU-4, from the toolkit's scorers on the tokens
+    ``score_captions`` scores: CIDEr-D's per-image values, whose mean is the corpus CIDEr-D
+    (document frequencies from the references of all the images), and BLEU-4 of the image's
+    sentence ("closest" reference length), the toolkit's per-sentence BLEU (the corpus BLEU pools
+    the n-gram counts instead, so it is not their mean)."""
+    gts_raw, res_raw = _select(references, candidates)
+    gts, res = _tokenize(gts_raw, res_raw, _resolve_tokenizer(tokenizer))
+    _, cider = Cider().compute_score(gts, res)  # (in the order of gts' keys)
+    scorer = BleuScorer(n=4)
+    for image_id in gts:
+        scorer += (res[image_id][0], gts[image_id])
+    _, per_sentence = scorer.compute_score(option="closest", verbose=0)
+    return {image_id: {"CIDEr": float(c), "Bleu_4": float(b)} for image_id, c, b in zip(gts, cider, per_sentence[3])}
 
 
 def score_results_file(results_json: Union[str, os.PathLike], annotations_json: Union[str, os.PathLike],
