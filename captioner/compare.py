@@ -7,7 +7,8 @@ logging) are one setting; the table has a row per setting, named by the config v
 between settings, with the mean and standard deviation over its runs of each figure and the
 number of runs. Figures: the validation metrics of each run's best epoch (by its
 ``train.monitor``), and the scores of any ``metrics_<split>_<decode>.json`` that
-``captioner.evaluate`` wrote in the run directory. Writes ``PREFIX.md`` and ``PREFIX.csv`` with
+``captioner.evaluate`` wrote in the run directory; BLEU-4 and CIDEr of each unless ``--figures``
+names others. Writes ``PREFIX.md`` and ``PREFIX.csv`` with
 the same table and ``PREFIX.png`` with every setting's validation curve (the monitored metric),
 the mean over seeds with the spread of the runs shaded. PREFIX defaults to
 ``<first DIR>/comparison``.
@@ -77,7 +78,8 @@ def load_run(path: Path) -> Optional[Run]:
     figures["epochs"] = float(history[-1]["epoch"])
     for scores in sorted(path.glob("metrics_*_*.json")):  # captioner.evaluate: metrics_<split>_<decode>.json
         split_decode = scores.stem.removeprefix("metrics_")
-        for name, value in json.loads(scores.read_text(encoding="utf-8")).items():
+        report = json.loads(scores.read_text(encoding="utf-8"))
+        for name, value in report.get("scores", {}).items():
             if isinstance(value, (int, float)):
                 figures[f"{split_decode}/{name}"] = float(value)
     return Run(path, config, history, figures)
@@ -106,7 +108,10 @@ def settings(runs: Sequence[Run]) -> list[Setting]:
     for run in runs:
         groups.setdefault(key(run), []).append(run)
     keys = [dict(k) for k in groups]
-    differing = [k for k in dict.fromkeys(name for g in keys for name in g) if len({g.get(k) for g in keys}) > 1]
+    # a key names settings where it takes two values or more among those that have it (an option
+    # of one objective only is not a difference between its runs and another objective's)
+    differing = [k for k in dict.fromkeys(name for g in keys for name in g)
+                 if len({g[k] for g in keys if k in g}) > 1]
     named = []
     for group_key, members in groups.items():
         values = dict(group_key)
@@ -115,8 +120,17 @@ def settings(runs: Sequence[Run]) -> list[Setting]:
     return named
 
 
-def table(groups: Sequence[Setting]) -> tuple[list[str], list[list[str]]]:
-    figures = list(dict.fromkeys(f for g in groups for r in g.runs for f in r.figures if f != "epochs"))
+DEFAULT_FIGURES = ("Bleu_4", "CIDEr")  # of every split and decode: val/, test_beam/, ...
+
+
+def table(groups: Sequence[Setting], figures: Optional[Sequence[str]] = None) -> tuple[list[str], list[list[str]]]:
+    """The header and a row per setting; ``figures`` None: every split's BLEU-4 and CIDEr,
+    "all": everything the runs have, else those names (e.g. val/METEOR)."""
+    every = list(dict.fromkeys(f for g in groups for r in g.runs for f in r.figures if f != "epochs"))
+    if figures is None:
+        figures = [f for f in every if f.rsplit("/", 1)[-1] in DEFAULT_FIGURES]
+    elif list(figures) == ["all"]:
+        figures = every
     header = ["setting", "runs", *figures]
     rows = []
     for g in groups:
@@ -155,21 +169,21 @@ def plot(groups: Sequence[Setting], path: Path) -> None:
         ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"{monitor} (mean over runs; shaded: min to max)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=1, frameon=False)
     try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
     finally:
         plt.close(fig)
 
 
-def compare(directories: Sequence[Path], prefix: Optional[Path] = None) -> tuple[str, list[Setting]]:
+def compare(directories: Sequence[Path], prefix: Optional[Path] = None,
+            figures: Optional[Sequence[str]] = None) -> tuple[str, list[Setting]]:
     """The Markdown table of the runs under ``directories``, also written (with the CSV and the
     curves) to ``prefix``.md/.csv/.png."""
     from captioner.io import atomic_write_text
 
     groups = settings(find_runs([Path(d) for d in directories]))
-    header, rows = table(groups)
+    header, rows = table(groups, figures)
     text = markdown(header, rows)
     prefix = Path(prefix) if prefix else Path(directories[0]) / "comparison"
     atomic_write_text(prefix.with_suffix(".md"), text)
@@ -185,11 +199,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directories", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="prefix of the .md, .csv and .png written")
+    parser.add_argument("--figures", default=None,
+                        help="comma-separated columns (val/Bleu_4,test_beam/CIDEr,...) or all; "
+                             "default: every split's Bleu_4 and CIDEr")
     args = parser.parse_args(argv)
     from captioner.cli import known_errors
 
     with known_errors():
-        text, groups = compare(args.directories, args.out)
+        text, groups = compare(args.directories, args.out, args.figures.split(",") if args.figures else None)
     print(text, end="")
     prefix = args.out or args.directories[0] / "comparison"
     print(f"{sum(len(g.runs) for g in groups)} runs, {len(groups)} settings; wrote {prefix}.md, .csv, .png")

@@ -47,7 +47,7 @@ def test_a_multirun_gives_each_job_its_own_run_directory(sweep):
 def test_compare_prints_a_row_per_setting_with_means_over_seeds(sweep, tmp_path, capsys):
     from captioner.compare import main
 
-    main([str(sweep / "sweep"), str(sweep / "other"), "--out", str(tmp_path / "table")])
+    main([str(sweep / "sweep"), str(sweep / "other"), "--out", str(tmp_path / "table"), "--figures", "all"])
     printed = capsys.readouterr().out
     assert "3 runs, 2 settings" in printed
     with open(tmp_path / "table.csv", newline="") as f:
@@ -68,10 +68,13 @@ def test_compare_prints_a_row_per_setting_with_means_over_seeds(sweep, tmp_path,
 
 
 def test_evaluate_scores_in_a_run_directory_join_its_row(sweep, tmp_path):
-    (sweep / "other" / "metrics_test_beam.json").write_text(json.dumps({"Bleu_4": 0.25, "CIDEr": 0.5}))
+    (sweep / "other" / "metrics_test_beam.json").write_text(json.dumps(
+        {"split": "test", "num_images": 12, "scores": {"Bleu_4": 0.25, "CIDEr": 0.5, "bleu_counts": {"reflen": 9}}}))
     try:
         _, groups = compare([sweep / "other"], tmp_path / "t")
         assert groups[0].stats("test_beam/CIDEr") == (0.5, None)
+        assert set(groups[0].runs[0].figures) >= {"test_beam/Bleu_4", "test_beam/CIDEr"}
+        assert not any("num_images" in f or "reflen" in f for f in groups[0].runs[0].figures)
     finally:
         (sweep / "other" / "metrics_test_beam.json").unlink()
 
