@@ -9,7 +9,8 @@ number of runs. Figures: the validation metrics of each run's best epoch (by its
 ``train.monitor``), and the scores of any ``metrics_<split>_<decode>.json`` that
 ``captioner.evaluate`` wrote in the run directory; BLEU-4 and CIDEr of each unless ``--figures``
 names others. Writes ``PREFIX.md`` and ``PREFIX.csv`` with
-the same table and ``PREFIX.png`` with every setting's validation curve (the monitored metric),
+the same table and ``PREFIX.png`` with every setting's validation curve (of the metric most runs
+monitor),
 the mean over seeds with the spread of the runs shaded. PREFIX defaults to
 ``<first DIR>/comparison``.
 """
@@ -157,9 +158,9 @@ def plot(groups: Sequence[Setting], path: Path) -> None:
     from captioner.io import atomic_write
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    monitor = None
+    monitors = [str(r.config.get("train.monitor", "Bleu_4")) for g in groups for r in g.runs]
+    monitor = f"val/{max(set(monitors), key=monitors.count)}"  # one metric for every curve: the most monitored
     for g in groups:
-        monitor = f"val/{g.runs[0].config.get('train.monitor', 'Bleu_4')}"
         epochs = sorted({row["epoch"] for r in g.runs for row in r.history if monitor in row})
         per_epoch = [[row[monitor] for r in g.runs for row in r.history if row["epoch"] == e and monitor in row]
                      for e in epochs]
