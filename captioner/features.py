@@ -232,8 +232,8 @@ def _describes(saved: Optional[dict], key: dict) -> bool:
 
 
 def _pooled_from_grid(grid_stem: Path, key: dict, final: Path, manifest_path: Path):
-    """(skipped, features): the pooled cache written as the mean of a fresh grid cache's regions,
-    for an encoder whose pooled vector is that mean (ResNet, Lite0); None without such a cache.
+    """The pooled cache written as the mean of a fresh grid cache's regions, for an encoder whose
+    pooled vector is that mean (ResNet, Lite0): returns its skipped images; None without such a cache.
     The mean is taken in float32, as the pooled network takes it, then rounded to the cache's
     dtype (from float16 regions: within float16 rounding of a direct extraction)."""
     saved = _read_json(grid_stem.with_suffix(".json"))
@@ -253,7 +253,7 @@ def _pooled_from_grid(grid_stem: Path, key: dict, final: Path, manifest_path: Pa
     skipped = saved.get("skipped", [])
     atomic_write_text(manifest_path, json.dumps({**key, "rows": rows, "skipped": skipped,
                                                  "derived_from": grid_stem.name + ".npy"}, indent=1))
-    return skipped, open_cache(final)
+    return skipped
 
 
 def split_features(encoder, records: Sequence[ImageRecord], cache_dir: str | Path, split: str, *,
@@ -298,13 +298,13 @@ def split_features(encoder, records: Sequence[ImageRecord], cache_dir: str | Pat
 
     shape = (len(records), *item_shape)
 
-    def cached():
-        """(skipped, features) of a cache that is what ``key`` asks for, or None."""
+    def cached() -> Optional[list[dict]]:
+        """The skipped images of a cache that holds what ``key`` asks for (found, or derived from
+        the grid cache), or None."""
         saved = _read_json(manifest_path)
         if _describes(saved, key):
-            array = _open_array(final, (len(records) - len(saved.get("skipped", [])), *item_shape), dtype)
-            if array is not None:
-                return saved.get("skipped", []), array
+            if _open_array(final, (len(records) - len(saved.get("skipped", [])), *item_shape), dtype) is not None:
+                return saved.get("skipped", [])
         if not encoder.grid and encoder.pooled_is_grid_mean:
             derived = _pooled_from_grid(cache_dir / f"{encoder.cache_name}_grid_{split}", key, final, manifest_path)
             if derived is not None:
@@ -358,9 +358,9 @@ def split_features(encoder, records: Sequence[ImageRecord], cache_dir: str | Pat
 
     # Rank 0 holds the cache's lock throughout; the other ranks of its job follow its decisions.
     with _locked(cache_dir / f".{stem}.lock") if ctx.is_main else contextlib.nullcontext():
-        found = ctx.on_main(lambda: (lambda hit: None if hit is None else hit[0])(cached()))
-        if found is not None:
-            return finish(found, open_cache(final))
+        skipped = ctx.on_main(cached)
+        if skipped is not None:
+            return finish(skipped, open_cache(final))
         ctx.on_main(prepare_partial)
         computed, seconds = _encode_part(encoder, records, split, partial, shape, dtype, key,
                                          _progress_path(ctx.part(len(records))), ctx.part(len(records)),
