@@ -89,6 +89,10 @@ class Encoder(nn.Module):
         self.crop = T.Compose([T.Resize(spec["resize"], interpolation=T.InterpolationMode(spec["interpolation"])),
                                T.CenterCrop(spec["crop"]), T.PILToTensor()])
         self.normalize = Normalize(spec["mean"], spec["std"])
+        # channels_last weights from the start (oneDNN's and cuDNN's native layout: faster, and
+        # convolutions then run channels_last whatever the input's layout), so every use of an
+        # encoder, extraction or fine-tuning, before or after a resume, rounds the same way
+        self.net.to(memory_format=torch.channels_last)
         self.freeze()
 
     def transform_spec(self) -> dict:
@@ -149,8 +153,8 @@ class Encoder(nn.Module):
 def fast_forward(encoder: Encoder, device: torch.device | str, batch_size: int, precision: str = "fp32",
                  compile: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """The encoder's features of a uint8 batch [b <= batch_size, 3, H, W] as float32 on ``device``,
-    computed the fast way for inference: the network in channels_last memory layout (oneDNN's
-    and cuDNN's native one; the same features to float rounding), under autocast when
+    computed the fast way for inference: the input in channels_last memory layout, as the
+    network's weights are (``Encoder``; the same features to float rounding), under autocast when
     ``precision`` is bf16/fp16 (checked by ``precision.inference_dtype``), and with ``compile``
     through ``torch.compile``. A compiled network sees every batch at ``batch_size`` (a short last
     batch is padded) so it is compiled once; without a C++ compiler, or if compiling fails, it
@@ -159,7 +163,7 @@ def fast_forward(encoder: Encoder, device: torch.device | str, batch_size: int, 
 
     device = torch.device(device)
     dtype = inference_dtype(precision, device)
-    encoder.to(device, memory_format=torch.channels_last)
+    encoder.to(device)
     network: Callable[[torch.Tensor], torch.Tensor] = encoder
     if compile and device.type == "cpu" and not has_cxx_compiler():
         log.warning("encoder.compile=true needs a C++ compiler (g++ or clang++, or set CXX): the encoder runs "

@@ -57,8 +57,8 @@ def test_weights_path_loads_full_torchvision_state_dict(tmp_path):
     encoder = build_encoder("resnet50", weights=tmp_path / "resnet50.pth")
     ref.fc = torch.nn.Identity()
     x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(encoder(x), ref(x))
+    with torch.no_grad():  # (the encoder runs channels_last, the reference NCHW: other kernels, other rounding)
+        torch.testing.assert_close(encoder(x), ref(x), rtol=2e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", sorted(ENCODER_DIMS))
