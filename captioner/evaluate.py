@@ -131,16 +131,14 @@ def error_page(path: Path, results, records, scores, tokenizer: str, ckpt_cfg, t
 
     references = {r.image_id: list(r.captions) for r in records}
     per_image = image_scores(references, {r["image_id"]: r["caption"] for r in results}, tokenizer)
-    view = None
-    if attention:  # the crop the encoder read, which the maps cover
+    crop = encoder_from_config(ckpt_cfg.encoder, pretrained=False, weights=None).crop if attention else None
+
+    def view(image):  # the crop the encoder read, which the attention maps cover
         from torchvision.transforms.functional import to_pil_image
 
-        crop = encoder_from_config(ckpt_cfg.encoder, pretrained=False, weights=None).crop
-
-        def view(image):
-            return to_pil_image(crop(image.convert("RGB")))
+        return to_pil_image(crop(image.convert("RGB")))
     corpus = {k: v for k, v in scores.items() if isinstance(v, float)}
-    return write_error_page(path, results, records, per_image, corpus, title, view=view)
+    return write_error_page(path, results, records, per_image, corpus, title, view=view if attention else None)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -55,7 +55,7 @@ def main(out: Path) -> None:
     run = read(out, "default_run.txt")
     final = re.findall(r"final val.*", run)
     took = re.search(r"exit (\d+) after (\d+)s", run)
-    lines.append(f"default run (python -m captioner.train): "
+    lines.append("default run (python -m captioner.train): "
                  + (f"exit {took.group(1)}, {took.group(2)} s wall" if took else "not run")
                  + (f"; {final[-1]}" if final else ""))
     cuda = [line.split(" ")[1] for line in read(out, "cuda_tests.txt").splitlines() if line.startswith("PASSED")]

@@ -12,14 +12,7 @@ from captioner.datasets import ImageRecord
 from captioner.encoders import build_encoder, fast_forward
 from captioner.features import split_features
 from captioner.precision import inference_dtype
-
-
-@pytest.fixture(autouse=True)
-def _light():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_features import _light  # noqa: F401 (autouse: one thread per test)
 
 
 @pytest.fixture
