@@ -101,13 +101,20 @@ def find_runs(directories: Sequence[Path]) -> list[Run]:
 
 def settings(runs: Sequence[Run]) -> list[Setting]:
     """Runs grouped by their config without the bookkeeping keys; each named by the keys whose
-    values differ between the groups (in the order of the first run that has them)."""
-    def key(run: Run) -> tuple:
-        return tuple(sorted((k, repr(v)) for k, v in run.config.items() if not k.startswith(BOOKKEEPING)))
+    values differ between the groups (in the order of the first run that has them).
+
+    A key that some runs lack (a run made before the option existed, or an option of one
+    objective only) separates runs only where the runs that have it disagree: one value among
+    them is taken as what the others ran with, so a seed added to an older sweep joins its row."""
+    configs = [{k: repr(v) for k, v in run.config.items() if not k.startswith(BOOKKEEPING)} for run in runs]
+    every_key = dict.fromkeys(k for config in configs for k in config)
+    distinguishing = [k for k in every_key
+                      if all(k in config for config in configs)
+                      or len({config[k] for config in configs if k in config}) > 1]
 
     groups: dict[tuple, list[Run]] = {}
-    for run in runs:
-        groups.setdefault(key(run), []).append(run)
+    for run, config in zip(runs, configs):
+        groups.setdefault(tuple((k, config[k]) for k in distinguishing if k in config), []).append(run)
     keys = [dict(k) for k in groups]
     # a key names settings where it takes two values or more among those that have it (an option
     # of one objective only is not a difference between its runs and another objective's)
@@ -116,7 +123,8 @@ def settings(runs: Sequence[Run]) -> list[Setting]:
     named = []
     for group_key, members in groups.items():
         values = dict(group_key)
-        name = " ".join(f"{k}={members[0].config.get(k)}" for k in differing if k in values) or "(all runs)"
+        name = (" ".join(f"{k}={members[0].config.get(k)}" for k in differing if k in values)
+                or " ".join(f"{k} unset" for k in differing) or "(all runs)")
         named.append(Setting(name, members))
     return named
 

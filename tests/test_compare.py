@@ -79,6 +79,21 @@ def test_evaluate_scores_in_a_run_directory_join_its_row(sweep, tmp_path):
         (sweep / "other" / "metrics_test_beam.json").unlink()
 
 
+def test_a_run_made_before_an_option_existed_joins_the_row_of_its_setting():
+    from captioner.compare import Run, settings
+
+    def run(seed, **config):
+        return Run(Path(f"run{seed}"), {"train.seed": seed, "model.inject": "every_step", **config}, [])
+
+    older = run(0)  # before encoder.precision was an option
+    newer = [run(1, **{"encoder.precision": "fp32"}), run(2, **{"encoder.precision": "fp32"})]
+    assert [(s.name, len(s.runs)) for s in settings([older, *newer])] == [("(all runs)", 3)]
+
+    bf16 = run(3, **{"encoder.precision": "bf16"})  # where the runs that have it differ, it names rows
+    assert [(s.name, len(s.runs)) for s in settings([older, *newer, bf16])] == [
+        ("encoder.precision unset", 1), ("encoder.precision=fp32", 2), ("encoder.precision=bf16", 1)]
+
+
 def test_compare_names_a_directory_without_runs(tmp_path):
     proc = subprocess.run(["python", "-m", "captioner.compare", str(tmp_path)], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=60)
