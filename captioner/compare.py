@@ -218,7 +218,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         text, groups = compare(args.directories, args.out, args.figures.split(",") if args.figures else None)
     print(text, end="")
     prefix = args.out or args.directories[0] / "comparison"
-    print(f"{sum(len(g.runs) for g in groups)} runs, {len(groups)} settings; wrote {prefix}.md, .csv, .png")
+    runs = sum(len(g.runs) for g in groups)
+    print(f"{runs} run{'s' * (runs != 1)}, {len(groups)} setting{'s' * (len(groups) != 1)}; "
+          f"wrote {prefix}.md, .csv, .png")
 
 
 if __name__ == "__main__":
