@@ -16,35 +16,29 @@ def read(out: Path, name: str) -> str:
     return path.read_text(errors="replace") if path.is_file() else ""
 
 
+def matches(text: str, pattern: str) -> list[re.Match]:
+    """The lines of ``text`` that start with ``pattern``, as matches."""
+    return [m for m in map(re.compile(pattern).match, text.splitlines()) if m]
+
+
 def training_rows(text: str) -> list[str]:
     """Each precision's COCO-size step: 'mixed 8-16 | <variant>  s/step median tokens tok/s GFLOP GFLOP/s %matmul'."""
-    rows = []
-    for line in text.splitlines():
-        m = re.match(r"mixed 8-16 \| (.+?)\s{2,}([\d.]+)\s+([\d.]+)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", line)
-        if m:
-            variant, tok_s, gflop_s, pct = m.group(1), m.group(5), float(m.group(7)), m.group(8)
-            rows.append(f"training step, {variant}: {tok_s} tokens/s, {gflop_s / 1000:.2f} TFLOP/s "
-                        f"({pct}% of the same-run matmul)")
-    return rows
+    step = r"mixed 8-16 \| (.+?)\s{2,}([\d.]+)\s+([\d.]+)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)"
+    return [f"training step, {m.group(1)}: {m.group(5)} tokens/s, {float(m.group(7)) / 1000:.2f} TFLOP/s "
+            f"({m.group(8)}% of the same-run matmul)" for m in matches(text, step)]
 
 
 def decode_rows(text: str) -> list[str]:
-    rows = []
-    for line in text.splitlines():
-        m = re.match(r"(greedy \(batched\)|beam K=\d+ \(batched\))\s+([\d.]+)\s+([\d.]+)", line)
-        if m:
-            rows.append(f"{m.group(1)}: {m.group(3)} captions/s")
+    rows = [f"{m.group(1)}: {m.group(3)} captions/s"
+            for m in matches(text, r"(greedy \(batched\)|beam K=\d+ \(batched\))\s+([\d.]+)\s+([\d.]+)")]
     images = re.search(r"(\d+) images, max_length", text)
     return [f"decoding {images.group(1) if images else '?'} images, {r}" for r in rows]
 
 
 def feature_rows(text: str) -> list[str]:
-    rows = []
-    for line in text.splitlines():
-        m = re.match(r"(\w+)\s+(\d+)\s+(eager fp32|channels_last|default|bf16)\s+(\d+)\s+([\d.]+)\s+([\d.]+)", line)
-        if m:
-            rows.append(f"extraction {m.group(1)} at {m.group(2)} px, {m.group(3)}: {m.group(5)} images/s")
-    return rows
+    row = r"(\w+)\s+(\d+)\s+(eager fp32|channels_last|default|bf16)\s+(\d+)\s+([\d.]+)\s+([\d.]+)"
+    return [f"extraction {m.group(1)} at {m.group(2)} px, {m.group(3)}: {m.group(5)} images/s"
+            for m in matches(text, row)]
 
 
 def main(out: Path) -> None:
