@@ -9,10 +9,10 @@ __all__ = ["Captioner"]
 
 
 def __getattr__(name: str):
-    # Imported on first use: `import captioner.vocab` (and every other submodule) then stays
+    # Imported on first use: `import captioner.data.vocab` (and every other submodule) then stays
     # free of torch, torchvision and Hydra until the public API is actually asked for.
     if name == "Captioner":
-        from captioner.caption import Captioner
+        from captioner.decoding.captioner import Captioner
 
         return Captioner
     raise AttributeError(f"module 'captioner' has no attribute {name!r}")

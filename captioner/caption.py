@@ -7,15 +7,11 @@ Finds images under FOLDER recursively, captions them in batches and writes ``cap
 (the COCO results format, ``[{"image_id", "caption"}]``, plus ``file_name`` relative to FOLDER,
 ``score``, and ``n_best`` when ``decode.n_best > 1``); ``html=true`` also writes a self-contained
 gallery page beside it, which for an attention decoder shows each word of a caption with where
-the model looked (``captioner.attention``); ``attention=true`` writes the same strip as one PNG
+the model looked (``captioner.evaluation.attention``); ``attention=true`` writes the same strip as one PNG
 per image into ``<output stem>_attention/``. Unreadable files are skipped with one warning line
 each and listed at the end; a run with nothing to caption exits non-zero with one line.
 
-From Python, the same path::
-
-    from captioner import Captioner
-    captioner = Captioner.from_checkpoint("outputs/train/<run>/best.pt")
-    captioner.caption_images(["a.jpg", pil_image], method="beam", beam_size=5)
+From Python, the same path: ``captioner.Captioner`` (``captioner.decoding.captioner``).
 """
 from __future__ import annotations
 
@@ -23,111 +19,21 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Sequence
 
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
+from tqdm import tqdm
 
 from captioner.cli import UsageError, command
-from captioner.config import decode_config, validate
-from captioner.io import atomic_write_text
-from captioner.runtime import resolve_device
+from captioner.config import validate
+from captioner.data.images import BadImageError, load_image
+from captioner.decoding.captioner import CaptionError, Captioner
+from captioner.evaluation.attention import strip
+from captioner.evaluation.gallery import write_gallery
+from captioner.io import atomic_path, atomic_write_text
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-class CaptionError(UsageError):
-    """A problem the user can fix (no images, no checkpoint, ...); the CLI prints it as one line."""
-
-
-class Captioner:
-    """A trained decoder with the encoder it was trained on: images in, captions out."""
-
-    def __init__(self, model, vocab, encoder, device: str | torch.device = "cpu", feature_dtype: str = "float32"):
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.encoder = encoder.to(self.device).eval()
-        self.vocab = vocab
-        # Training decodes features cached at this precision; rounding ours the same way makes a
-        # caption here identical to the one `evaluate` gives for the same image.
-        self.feature_dtype = getattr(torch, feature_dtype)
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto") -> "Captioner":
-        """Load the decoder, vocabulary and encoder settings from a training checkpoint.
-
-        Raises ``CheckpointError`` (missing, unsafe or mismatched file) or
-        ``WeightsUnavailableError`` (encoder weights cannot be found), each with a one-line message.
-        """
-        from captioner.checkpoint import restore_model
-
-        device = resolve_device(device)
-        # Building modules draws their initial weights from the global RNG: fork it, so loading a
-        # captioner leaves the caller's random state alone. The encoder (random weights from the
-        # training seed with pretrained=false, in tests; fine-tuned ones when the checkpoint has
-        # them) comes from restore_model too.
-        with torch.random.fork_rng(devices=[]):
-            restored = restore_model(path, device, with_encoder=True)
-        return cls(restored.model, restored.vocab, restored.encoder, device,
-                   OmegaConf.select(restored.config, "encoder.cache_dtype", default="float32"))
-
-    @property
-    def attends(self) -> bool:
-        """Whether the decoder attends over image regions (and so has attention maps to show)."""
-        return bool(getattr(self.model, "reads_grid", False))
-
-    def view(self, image: Image.Image) -> Image.Image:
-        """The part of ``image`` the encoder reads (resized, centre-cropped): what attention maps cover."""
-        from torchvision.transforms.functional import to_pil_image
-
-        return to_pil_image(self.encoder.crop(image.convert("RGB")))
-
-    @torch.no_grad()
-    def caption_images(self, images: Sequence[str | Path | Image.Image], decode: Any = None, *,
-                       batch_size: int = 16, num_workers: int = 0, progress: bool = False,
-                       on_error: Optional[Callable[[int, str], None]] = None, attention: bool = False,
-                       **decode_options) -> list[dict]:
-        """One dict per input, in order: ``{"file_name", "caption", "score"}`` (plus ``n_best``:
-        ``[{"caption", "score"}]`` when ``n_best > 1``), or ``{"file_name", "error"}`` for an
-        input that cannot be read. Inputs are paths or PIL images (``file_name`` is then the file
-        it was opened from, or None). ``decode`` and ``decode_options`` are ``decode`` config
-        fields (method, beam_size, ...); the defaults are ``DecodeConfig``'s (greedy).
-        ``on_error(index, message)`` is called as each unreadable input is found. ``attention``
-        (an attention decoder) adds "words" and "attention", each word's map over the regions."""
-        from tqdm import tqdm
-
-        from captioner.engine import decode_features
-        from captioner.features import encode_images
-
-        cfg = decode_config(decode, **decode_options)
-        if attention and not self.attends:
-            raise CaptionError(f"attention=true needs an attention checkpoint (model.name=show_attend_tell); "
-                               f"this one's decoder is {type(self.model).__name__}")
-        images = list(images)
-        results: list[Optional[dict]] = [None] * len(images)
-
-        def name(index: int) -> Optional[str]:
-            image = images[index]
-            if isinstance(image, Image.Image):
-                return getattr(image, "filename", None) or None
-            return str(image)
-
-        with tqdm(total=len(images), desc="captioning", unit="img", disable=not progress) as bar:
-            for indices, feats, bad in encode_images(self.encoder, images, batch_size, num_workers, self.device):
-                for index, error in bad:
-                    error = " ".join(str(error).split())  # one line, whatever the decoder said
-                    results[index] = {"file_name": name(index), "error": error}
-                    if on_error is not None:
-                        on_error(index, error)
-                if feats is not None:
-                    rows = feats.to(self.feature_dtype).cpu().numpy()  # the cache's precision
-                    decoded = decode_features(self.model, rows, self.vocab, cfg, self.device, attention=attention)
-                    for index, item in zip(indices, decoded):
-                        item.pop("row")
-                        results[index] = {"file_name": name(index), **item}
-                bar.update(len(indices) + len(bad))
-        return results
 
 
 # -- the command line --------------------------------------------------------------------------
@@ -140,8 +46,6 @@ def find_images(folder: Path) -> tuple[list[Path], list[Path]]:
 
 
 def _warn(message: str) -> None:
-    from tqdm import tqdm
-
     tqdm.write(f"warning: {message}", file=sys.stderr)  # above the progress bar, not through it
 
 
@@ -190,8 +94,6 @@ def caption_folder(cfg: DictConfig) -> dict:
     atomic_write_text(output, json.dumps(captions, indent=1, ensure_ascii=False) + "\n")
     page, strips = None, None
     if cfg.html:
-        from captioner.gallery import write_gallery
-
         good = [folder / c["file_name"] for c in captions]
         method = cfg.decode.method + (f", beam {cfg.decode.beam_size}" if cfg.decode.method == "beam" else "")
         attended = [{**c, "attention": maps[c["file_name"]]} for c in captions] if attention else captions
@@ -207,10 +109,6 @@ def caption_folder(cfg: DictConfig) -> dict:
 def write_strips(directory: Path, folder: Path, maps: dict, view: Callable[[Image.Image], Image.Image]) -> Path:
     """One PNG per captioned image, its attention strip, named after its ``folder``-relative path
     ("/" as "__", then ".png": photo.jpg -> photo.jpg.png, so photo.jpg and photo.png stay apart)."""
-    from captioner.attention import strip
-    from captioner.images import BadImageError, load_image
-    from captioner.io import atomic_path
-
     for name, (words, weights) in maps.items():
         try:
             image = strip(view(load_image(folder / name)), words, weights)

@@ -21,7 +21,14 @@ import signal
 import sys
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+from captioner.config import CONF_DIR, CaptionRunConfig, EvaluateRunConfig, TrainRunConfig, validate
+from captioner.encoding.encoders import WeightsUnavailableError
+from captioner.models import MODELS
+from captioner.objectives import OBJECTIVES
+from captioner.registry import ContractError
 from captioner.runtime import Interrupted
+from captioner.training.checkpoint import CheckpointError
+from captioner.training.runlock import RunLockedError
 
 
 def _rank() -> int:
@@ -53,12 +60,22 @@ class UsageError(RuntimeError):
 # Errors a user can fix from the message alone: bad paths, unreadable or unwritable files (a full
 # disk), bad data, bad checkpoints, bad values, weights that cannot be had, a run directory in use.
 def _known() -> tuple[type[BaseException], ...]:
-    from captioner.checkpoint import CheckpointError
-    from captioner.encoders import WeightsUnavailableError
-    from captioner.runlock import RunLockedError
-
     return (OSError, CheckpointError, WeightsUnavailableError, RunLockedError, UsageError, ValueError,
-            FloatingPointError)
+            FloatingPointError, ContractError)
+
+
+def register_configs() -> None:
+    """Every schema in Hydra's ConfigStore: the commands' and each registered model's and
+    objective's (``<group>/<name>_schema``, which its YAML extends). Loading the registries
+    imports every model and objective module, so a class that breaks its contract fails here."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainRunConfig)
+    store.store(name="evaluate_schema", node=EvaluateRunConfig)
+    store.store(name="caption_schema", node=CaptionRunConfig)
+    MODELS.store_schemas(store)
+    OBJECTIVES.store_schemas(store)
 
 
 @contextlib.contextmanager
@@ -144,9 +161,6 @@ def check_config(config_name: str, argv: Sequence[str],
         return None
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-
-    from captioner.config import CONF_DIR
-
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
@@ -156,6 +170,7 @@ def check_config(config_name: str, argv: Sequence[str],
         except Exception as err:  # noqa: BLE001 - OverrideParseException and friends
             return f"cannot parse override {arg!r}: {one_line(err).split('; See https://')[0]}"
     try:
+        register_configs()
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name, overrides=list(argv))
     except Exception as err:  # noqa: BLE001 - everything Hydra/OmegaConf raise here is a config error
@@ -164,8 +179,6 @@ def check_config(config_name: str, argv: Sequence[str],
         GlobalHydra.instance().clear()
     for key, allowed, schema in _unknown_keys(cfg):
         return f"unknown config key '{key}' ({schema} has no such field{_did_you_mean(key, allowed)})"
-    from captioner.config import validate
-
     try:
         validate(cfg)
         if preflight is not None:
@@ -182,7 +195,8 @@ def command(config_name: str, work: Callable[[Any], Any], *, preflight: Optional
     folder argument into ``folder=...``); ``preflight(cfg)`` runs with the config checks."""
     import hydra
 
-    from captioner.config import CONF_DIR
+    with known_errors():
+        register_configs()
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
     def hydra_main(cfg) -> None:

@@ -8,7 +8,8 @@ The allowed values of a field are stated once, on the field (``choice``, ``at_le
 every typed node of a composed config. Every command runs it before any work, so a typo in
 ``train.precision`` never surfaces after an hour of feature extraction. The model and objective
 schemas live beside their code (``captioner.models``, ``captioner.objectives``) and are checked
-the same way.
+the same way; a model field says whether it shapes the weights (``shapes=True``, ``shaping``).
+``captioner.cli.register_configs`` stores all of them in Hydra's ConfigStore.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 # conf/ sits beside the package in the repository (the install is editable).
@@ -33,12 +33,12 @@ def owned_by(module: str, name: str) -> Callable[[], Sequence[str]]:
     return lambda: list(getattr(importlib.import_module(module), name))
 
 
-def choice(default: Any, options: Sequence[str] | Callable[[], Sequence[str]]):
-    return field(default=default, metadata={"choices": options})
+def choice(default: Any, options: Sequence[str] | Callable[[], Sequence[str]], shapes: bool = False):
+    return field(default=default, metadata={"choices": options, "shapes": shapes})
 
 
-def at_least(default: Any, low: float):
-    return field(default=default, metadata={"min": low})
+def at_least(default: Any, low: float, shapes: bool = False):
+    return field(default=default, metadata={"min": low, "shapes": shapes})
 
 
 def above(default: Any, low: float):
@@ -47,6 +47,12 @@ def above(default: Any, low: float):
 
 def between(default: Any, low: float, high: float, low_open: bool = False):
     return field(default=default, metadata={"min": low, "max": high, "low_open": low_open})
+
+
+def shaping(default: Any):
+    """A model field with no constraint that shapes the weights (``shapes=True`` on the others):
+    a checkpoint loads only into a model with the same value (``captioner.models.shape_keys``)."""
+    return field(default=default, metadata={"shapes": True})
 
 
 def _field_problem(key: str, value: Any, meta: dict) -> Optional[str]:
@@ -123,7 +129,7 @@ class DataConfig:
 
 @dataclass
 class EncoderConfig:
-    name: str = choice("efficientnet_lite0", owned_by("captioner.encoders", "ENCODER_DIMS"))
+    name: str = choice("efficientnet_lite0", owned_by("captioner.encoding.encoders", "ENCODER_DIMS"))
     pretrained: bool = True
     weights: Optional[str] = None  # a local state-dict file instead of the download
     # preprocessing, as timm names it: a square input_size-pixel crop of the centre crop_pct of
@@ -136,7 +142,7 @@ class EncoderConfig:
     num_workers: Optional[int] = at_least(None, 0)
     # the CNN's arithmetic in extraction (bf16: CUDA, CPUs with AVX512-BF16 or AMX; fp16: CUDA);
     # recorded in the cache manifest, so caches of different precision never mix
-    precision: str = choice("fp32", owned_by("captioner.precision", "PRECISIONS"))
+    precision: str = choice("fp32", owned_by("captioner.training.precision", "PRECISIONS"))
     compile: bool = True  # torch.compile the CNN for extraction (eager, with a warning, without a C++ compiler)
     cache_dtype: str = choice("float16", ("float16", "float32"))
     cache_dir: Optional[str] = None  # default: <data.root>/features
@@ -217,7 +223,7 @@ class TrainConfig:
     # cross-entropy), with a fresh optimizer and schedule
     init_from: Optional[str] = None
     save_every: int = at_least(0, 0)  # also save last.pt every N optimizer steps, for mid-epoch resume
-    precision: str = choice("fp32", owned_by("captioner.precision", "PRECISIONS"))
+    precision: str = choice("fp32", owned_by("captioner.training.precision", "PRECISIONS"))
     compile: bool = False
     max_steps: int = at_least(0, 0)  # 0: no limit (tests use a few steps)
 
@@ -279,18 +285,6 @@ class CaptionRunConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
-def register_configs() -> None:
-    from captioner.models import MODELS
-    from captioner.objectives import OBJECTIVES
-
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainRunConfig)
-    cs.store(name="evaluate_schema", node=EvaluateRunConfig)
-    cs.store(name="caption_schema", node=CaptionRunConfig)
-    MODELS.store_schemas(cs)
-    OBJECTIVES.store_schemas(cs)
-
-
 def decode_config(decode: Any = None, **overrides) -> DictConfig:
     """A typed, checked ``decode`` node: the schema's defaults, then ``decode`` (a DecodeConfig, a
     mapping or a DictConfig), then ``overrides``. A misspelled option or a bad value fails here."""
@@ -317,5 +311,3 @@ def run_dir(out_dir: Optional[str], resume: Optional[str]) -> Optional[str]:
 if not OmegaConf.has_resolver("captioner.run_dir"):
     OmegaConf.register_new_resolver(
         "captioner.run_dir", lambda out_dir, resume, fallback: run_dir(out_dir, resume) or fallback)
-
-register_configs()

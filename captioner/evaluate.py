@@ -4,7 +4,7 @@
     python -m captioner.evaluate results=captions_results.json annotations=captions_val2014.json
     python -m captioner.evaluate checkpoint=a/best.pt 'ensemble=[b/best.pt,c/best.pt]' decode=beam
 
-The first decodes the split through ``captioner.engine.evaluate`` (the same path as validation
+The first decodes the split through ``captioner.training.engine.evaluate`` (the same path as validation
 during training) and writes ``results_<split>_<decode>.json`` (COCO results format) and
 ``metrics_<split>_<decode>.json`` beside the checkpoint (``..._ensemble<N>.json`` for an
 ensemble of N models). The second scores any results file the
@@ -20,11 +20,12 @@ from typing import Any, Optional, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from captioner.checkpoint import CheckpointError, load_checkpoint, restore_model
+from captioner.training.checkpoint import CheckpointError, load_checkpoint
+from captioner.training.restore import restore_model
 from captioner.cli import command
 from captioner.config import validate
 from captioner.io import atomic_write_text
-from captioner.metrics import format_scores, score_results_file
+from captioner.evaluation.metrics import format_scores, score_results_file
 from captioner.runtime import resolve_device
 
 log = logging.getLogger("captioner.evaluate")
@@ -38,8 +39,8 @@ def checkpoint_split(checkpoint: str, split: str, data_cfg=None, device: str | t
     checkpoint carries fine-tuned encoder weights (the cache describes the original ones).
     ``data_cfg`` None means the data set the checkpoint was trained on.
     """
-    from captioner.datasets import load_records
-    from captioner.features import compute_features, extraction_options, feature_cache_dir, split_features
+    from captioner.data import load_records
+    from captioner.encoding.features import compute_features, extraction_options, feature_cache_dir, split_features
 
     device = resolve_device(device)
     model, vocab, ckpt_cfg, encoder, finetuned = restore_model(checkpoint, device, with_encoder=True)  # (Restored)
@@ -61,7 +62,7 @@ def ensemble_with(first: str, model, vocab, ckpt_cfg, checkpoints: Sequence[str]
     """``model`` (restored from checkpoint ``first``) and the decoders of ``checkpoints`` as one
     ``Ensemble``. Every member must read the same frozen encoder's features and write the same
     vocabulary."""
-    from captioner.ensemble import Ensemble
+    from captioner.decoding.ensemble import Ensemble
 
     if OmegaConf.select(ckpt_cfg, "encoder.finetune_after", default=-1) >= 0:
         raise CheckpointError(f"{first} was trained with encoder.finetune_after: ensembles need members that "
@@ -91,8 +92,8 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", decode_cfg=None, d
                         progress: bool = True, ensemble: Sequence[str] = (), html: bool = False) -> dict[str, Any]:
     """Decode ``split`` with the checkpoint's model (with the ``ensemble`` checkpoints' models,
     as one ensemble, when given) and score it; returns the scores. ``html`` also writes the
-    error-analysis page (``captioner.analysis``), with attention strips for an attention decoder."""
-    from captioner.engine import evaluate
+    error-analysis page (``captioner.evaluation.analysis``), with attention strips for an attention decoder."""
+    from captioner.evaluation.loop import evaluate
 
     device = resolve_device(device)
     model, vocab, ckpt_cfg, records, features = checkpoint_split(checkpoint, split, data_cfg, device, progress)
@@ -100,7 +101,7 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", decode_cfg=None, d
         model = ensemble_with(checkpoint, model, vocab, ckpt_cfg, ensemble, device)
     data_cfg = data_cfg if data_cfg is not None else ckpt_cfg.data
     decode_cfg = decode_cfg if decode_cfg is not None else ckpt_cfg.decode
-    attention = html and not ensemble and bool(getattr(model, "reads_grid", False))
+    attention = html and bool(getattr(model, "attends", False))
     scores, results = evaluate(model, features, records, vocab, decode_cfg, device, metrics=list(metrics),
                                tokenizer=tokenizer, progress=progress, attention=attention)
 
@@ -125,9 +126,9 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", decode_cfg=None, d
 def error_page(path: Path, results, records, scores, tokenizer: str, ckpt_cfg, title: str, attention: bool) -> Path:
     """The error-analysis page: per-image CIDEr-D and BLEU-4 by the toolkit's arithmetic on the
     tokens the corpus scores read."""
-    from captioner.analysis import write_error_page
-    from captioner.encoders import encoder_from_config
-    from captioner.metrics import image_scores
+    from captioner.evaluation.analysis import write_error_page
+    from captioner.encoding.encoders import encoder_from_config
+    from captioner.evaluation.metrics import image_scores
 
     references = {r.image_id: list(r.captions) for r in records}
     per_image = image_scores(references, {r["image_id"]: r["caption"] for r in results}, tokenizer)

@@ -12,12 +12,12 @@ import logging
 
 from omegaconf import DictConfig
 
-from captioner import distributed
+from captioner.training import distributed
 from captioner.cli import command
 from captioner.config import validate
-from captioner.datasets import load_records
-from captioner.encoders import run_encoder
-from captioner.features import SplitFeatures, all_split_features, extraction_options, feature_cache_dir
+from captioner.data import load_records
+from captioner.encoding.encoders import run_encoder
+from captioner.encoding.features import SplitFeatures, all_split_features, extraction_options, feature_cache_dir
 from captioner.runtime import resolve_device, seed_everything
 
 log = logging.getLogger("captioner.extract")

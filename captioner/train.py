@@ -1,4 +1,4 @@
-"""python -m captioner.train [overrides]: train a captioner (``captioner.trainer.train``) on the
+"""python -m captioner.train [overrides]: train a captioner (``captioner.training.trainer.train``) on the
 config Hydra composes from conf/train.yaml; ``torchrun ... -m captioner.train`` for several
 processes. A config mistake or a known error is one line on stderr and exit status 1;
 SIGINT/SIGTERM save ``last.pt`` and exit with 130/143."""
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from captioner.cli import command
 from captioner.config import run_dir
-from captioner.runlock import check_free
-from captioner.trainer import train
+from captioner.training.runlock import check_free
+from captioner.training.trainer import train
 
 
 def _run_dir_is_free(cfg) -> None:

@@ -31,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from captioner.decoding import generate  # noqa: E402
+from captioner.decoding.search import generate  # noqa: E402
 from captioner.models.show_tell import ShowTell  # noqa: E402
-from captioner.vocab import BOS_ID, EOS_ID  # noqa: E402
+from captioner.data.vocab import BOS_ID, EOS_ID  # noqa: E402
 
 
 def _best_times(cases: dict, repeats: int) -> dict[str, tuple[float, object]]:
@@ -54,7 +54,7 @@ def plain_greedy(model, features: torch.Tensor, max_length: int) -> torch.Tensor
     tokens = torch.full((features.size(0),), BOS_ID, dtype=torch.long, device=features.device)
     out = []
     for _ in range(max_length + 1):
-        logprobs, state = model.step(tokens, state)
+        logprobs, state = model.next_logprobs(tokens, state)
         tokens = logprobs.argmax(dim=-1)
         out.append(tokens)
     return torch.stack(out, dim=1)

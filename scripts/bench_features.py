@@ -8,7 +8,7 @@ CNN in the main process) over the same images, measured side by side in one proc
 
 - ``eager fp32`` (the reference, written here): the network as built, NCHW, no autocast, no
   compilation: ``encoder(encoder.normalize(images))`` on each batch of the same DataLoader.
-- ``channels_last``: ``captioner.features.encode_images`` eager (``encoder.compile=false``).
+- ``channels_last``: ``captioner.encoding.features.encode_images`` eager (``encoder.compile=false``).
 - ``default``: ``encode_images`` with the extraction defaults (channels_last, ``torch.compile``,
   fp32, ``encoder.num_workers`` and batch size of the config).
 - ``bf16``: the default with ``encoder.precision=bf16``, where this CPU (AVX512-BF16 or AMX) or
@@ -35,10 +35,10 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from captioner.encoders import build_encoder, fast_forward  # noqa: E402
-from captioner.features import ImageFiles, collate, default_workers, encode_images  # noqa: E402
-from captioner.images import load_image  # noqa: E402
-from captioner.precision import inference_dtype  # noqa: E402
+from captioner.encoding.encoders import build_encoder, fast_forward  # noqa: E402
+from captioner.encoding.features import ImageFiles, collate, default_workers, encode_images  # noqa: E402
+from captioner.data.images import load_image  # noqa: E402
+from captioner.training.precision import inference_dtype  # noqa: E402
 
 FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k" / "images"
 SIZE = {"efficientnet_lite0": (288, 1.0)}  # (input_size, crop_pct) as experiment=flickr8k; others standard

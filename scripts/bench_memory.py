@@ -6,7 +6,7 @@
 
 Writes a cache the size of COCO's (123,287 images x 4096 float16, 1.0 GB) into a temporary
 folder, then, in a fresh process (peak RSS is per process), trains the default decoder for
---steps steps on batches drawn by captioner.engine.CaptionBatches from it (5 captions per image,
+--steps steps on batches drawn by captioner.training.engine.CaptionBatches from it (5 captions per image,
 like COCO), then reads one whole epoch of batches with the same access pattern. It reports peak
 RSS and what the RSS is made of: anonymous memory (the process's own: model, optimizer, tokens,
 batches) and file pages (cache pages touched through the map: page cache, shared and dropped
@@ -72,11 +72,12 @@ def child(args) -> list[dict]:
 
     from captioner.models.show_attend_tell import ShowAttendTellConfig
     from captioner.models.show_tell import ShowTellConfig
-    from captioner.datasets import ImageRecord
-    from captioner.engine import CaptionBatches, train_one_epoch
-    from captioner.features import open_cache
+    from captioner.data import ImageRecord
+    from captioner.data.batches import CaptionBatches
+from captioner.training.engine import train_one_epoch
+    from captioner.encoding.features import open_cache
     from captioner.models import build_model
-    from captioner.vocab import SPECIALS, Vocabulary
+    from captioner.data.vocab import SPECIALS, Vocabulary
 
     torch.manual_seed(0)
     clock = time.perf_counter()
@@ -92,7 +93,7 @@ def child(args) -> list[dict]:
             return [self.bos_id, *map(int, caption.split()[:max_length]), self.eos_id]
 
     phase("imports (torch, captioner)")
-    features = open_cache(args.cache)  # as training gets it from captioner.features
+    features = open_cache(args.cache)  # as training gets it from captioner.encoding.features
     vocab = IdVocabulary([*SPECIALS, *(f"w{i}" for i in range(args.vocab - len(SPECIALS)))])
     ids = np.random.default_rng(0).integers(len(SPECIALS), len(vocab), (len(features), 5, 10))
     records = [ImageRecord(i, f"{i}.jpg", [" ".join(map(str, caption)) for caption in ids[i].tolist()])

@@ -1,4 +1,4 @@
-"""CIDEr-D reward speed: captioner.rewards.CiderD against pycocoevalcap's CiderScorer.
+"""CIDEr-D reward speed: captioner.objectives.rewards.CiderD against pycocoevalcap's CiderScorer.
 
     python scripts/bench_reward.py [--images 128] [--per-image 6] [--repeats 5]
     python scripts/bench.py reward ...
@@ -30,7 +30,7 @@ from pycocoevalcap.cider.cider_scorer import CiderScorer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from captioner.rewards import CiderD  # noqa: E402
+from captioner.objectives.rewards import CiderD  # noqa: E402
 
 FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
 
@@ -59,7 +59,7 @@ class CorpusDfScorer(CiderScorer):
 
 
 def _flickr8k_train() -> dict[str, list[list[str]]]:
-    from captioner.tokenizer import tokenize_lines
+    from captioner.data.tokenizer import tokenize_lines
 
     keys, lines = [], []
     for line in (FLICKR8K / "Flickr8k.token.txt").read_text(encoding="utf-8").splitlines():

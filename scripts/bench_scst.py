@@ -4,7 +4,7 @@
     python scripts/bench.py scst ...
 
 The SCST step is what ``python -m captioner.train objective=scst`` runs per batch
-(``captioner.engine.train_one_epoch`` with the ``scst`` objective): ``--images`` images x
+(``captioner.training.engine.train_one_epoch`` with the ``scst`` objective): ``--images`` images x
 ``--samples`` captions drawn without gradients, their CIDEr-D rewards (document frequencies from
 a training corpus of ``--corpus`` images), the mean-of-samples baseline, one teacher-forced pass
 for the log-probabilities, backward and the Adam step. The reference is a plain cross-entropy
@@ -26,14 +26,14 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner.config import DecodeConfig  # noqa: E402
-from captioner.datasets import ImageRecord  # noqa: E402
-from captioner.engine import train_one_epoch  # noqa: E402
+from captioner.data import ImageRecord  # noqa: E402
+from captioner.training.engine import train_one_epoch  # noqa: E402
 from captioner.models.show_tell import ShowTell  # noqa: E402
-from captioner.objectives import Batch  # noqa: E402
+from captioner.data.batches import Batch  # noqa: E402
 from captioner.objectives.cross_entropy import CrossEntropy  # noqa: E402
 from captioner.objectives.scst import ScstConfig, SelfCritical  # noqa: E402
-from captioner.optim import adam_options  # noqa: E402
-from captioner.vocab import SPECIALS, Vocabulary  # noqa: E402
+from captioner.training.optim import adam_options  # noqa: E402
+from captioner.data.vocab import SPECIALS, Vocabulary  # noqa: E402
 from bench_train import make_tokens  # noqa: E402
 
 

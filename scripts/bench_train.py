@@ -3,7 +3,7 @@
     python scripts/bench_train.py [--precision fp32,bf16] [--compile] [--threads 1] [--repeats 5]
     python scripts/bench.py train ...
 
-One training step is what ``captioner.engine.train_one_epoch`` runs for one batch: forward and
+One training step is what ``captioner.training.engine.train_one_epoch`` runs for one batch: forward and
 loss (under the chosen autocast), backward, gradient clipping at ``--grad-clip`` and an Adam step
 (fused where torch has one for the device, as ``captioner.train`` builds it). The model is
 ``ShowTell`` with ``inject=first_input`` and the default dropout at COCO size (vocabulary 9,487,
@@ -48,12 +48,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from captioner.engine import train_one_epoch  # noqa: E402
-from captioner.objectives import Batch  # noqa: E402
+from captioner.training.engine import train_one_epoch  # noqa: E402
+from captioner.data.batches import Batch  # noqa: E402
 from captioner.models.show_tell import ShowTell  # noqa: E402
-from captioner.optim import adam_options  # noqa: E402
-from captioner.precision import Precision, compile_loss  # noqa: E402
-from captioner.vocab import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
+from captioner.training.optim import adam_options  # noqa: E402
+from captioner.training.precision import Precision, compile_loss  # noqa: E402
+from captioner.data.vocab import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
 
 
 def cpu_name() -> str:

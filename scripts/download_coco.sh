@@ -71,4 +71,4 @@ get "$COCO_URL/zips/val2014.zip" count val2014 40504
 get "$COCO_URL/zips/train2014.zip" count train2014 82783
 
 echo "== done: COCO 2014 in $(pwd)"
-echo "   load with captioner.datasets.coco.load_coco_karpathy('$(pwd)/dataset_coco.json', '$(pwd)')"
+echo "   load with captioner.data.coco.load_coco_karpathy('$(pwd)/dataset_coco.json', '$(pwd)')"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from captioner.engine import evaluate
+from captioner.evaluation.loop import evaluate
 from captioner.evaluate import checkpoint_split
 
 

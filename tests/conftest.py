@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from captioner.cli import register_configs
 from captioner.config import CONF_DIR
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -37,6 +38,7 @@ def compose_config(config_name: str = "train", overrides=()):
     overrides = list(overrides)
     if config_name in ("train", "extract") and not any(o.startswith("encoder.compile=") for o in overrides):
         overrides.append("encoder.compile=false")
+    register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name, overrides=overrides)
 
@@ -53,3 +55,14 @@ def tiny_cfg(tmp_path, shapes_root):
         return compose_config("train", [*TINY, f"data.root={shapes_root}", f"train.out_dir={tmp_path / 'run'}", *overrides])
 
     return make
+
+
+def cross_entropy_loss(model, features, tokens, label_smoothing: float = 0.0):
+    """(loss, real target tokens) of the cross-entropy objective on one batch, as training computes it."""
+    import torch
+
+    from captioner.data.batches import Batch
+    from captioner.objectives.cross_entropy import CrossEntropy
+
+    out = CrossEntropy(label_smoothing)(model, Batch(features, tokens, torch.arange(tokens.size(0))))
+    return out.loss, out.weight

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from captioner.evaluate import evaluate_checkpoint
-from captioner.metrics import image_scores, score_captions
-from captioner.trainer import train
+from captioner.evaluation.metrics import image_scores, score_captions
+from captioner.training.trainer import train
 from test_caption import CHROMIUM, loaded_images
 
 REFERENCES = {1: ["a dog runs on the grass", "a brown dog running"], 2: ["two people ride bikes", "cyclists on a road"],

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.decoding import generate
+from captioner.decoding.search import generate
 from captioner.models import MODELS, reads_grid
 from captioner.models.show_attend_tell import ShowAttendTell
-from captioner.vocab import BOS_ID, EOS_ID, PAD_ID
-from conftest import compose_config
+from captioner.data.vocab import BOS_ID, EOS_ID, PAD_ID
+from conftest import compose_config, cross_entropy_loss
 from test_decoding import reference_beam
 
 VOCAB, REGIONS, CHANNELS = 14, 9, 10
@@ -57,7 +57,7 @@ def test_shapes_and_a_gradient_for_every_parameter(gate):
     model = make_model(gate=gate).train()
     feats, tokens = regions(), captions()
     assert model(feats, tokens).shape == (6, tokens.size(1) - 1, VOCAB)
-    loss, n = model.loss(feats, tokens)
+    loss, n = cross_entropy_loss(model, feats, tokens)
     assert n == int((tokens[:, 1:] != PAD_ID).sum())
     loss.backward()
     for name, p in model.named_parameters():
@@ -71,16 +71,16 @@ def test_attention_weights_are_a_distribution_over_regions():
     assert bool((maps >= 0).all())
     assert torch.allclose(maps.sum(dim=2), torch.ones(6, 8, dtype=torch.float64))
     state = model.init_state(feats)
-    _, state = model.step(torch.full((6,), BOS_ID), state)
+    _, state = model.next_logprobs(torch.full((6,), BOS_ID), state)
     assert torch.allclose(state.attention, maps[:, 0])  # a step leaves the weights it used
 
 
 def test_attention_penalty_is_the_doubly_stochastic_term():
     model, feats, tokens = make_model(), regions(), captions()
     model.attention_penalty = 0.0
-    plain, _ = model.loss(feats, tokens)
+    plain, _ = cross_entropy_loss(model, feats, tokens)
     model.attention_penalty = 0.5
-    penalized, _ = model.loss(feats, tokens)
+    penalized, _ = cross_entropy_loss(model, feats, tokens)
     alphas = model.attention_maps(feats, tokens) * (tokens[:, 1:] != PAD_ID).unsqueeze(2)
     expected = 0.5 * ((1 - alphas.sum(dim=1)) ** 2).mean()
     assert float((penalized - plain).detach()) == pytest.approx(float(expected), rel=1e-10)
@@ -91,7 +91,7 @@ def test_step_by_step_scores_equal_teacher_forcing():
     logprobs = model.sequence_logprobs(feats, tokens)
     state, total = model.init_state(feats), torch.zeros(6, dtype=torch.float64)
     for t in range(tokens.size(1) - 1):
-        step, state = model.step(tokens[:, t], state)
+        step, state = model.next_logprobs(tokens[:, t], state)
         real = tokens[:, t + 1] != PAD_ID
         total += torch.where(real, step.gather(1, tokens[:, t + 1 : t + 2]).squeeze(1), 0.0)
     assert torch.allclose(logprobs.double(), total, atol=1e-6)
@@ -131,9 +131,9 @@ def test_tiny_attention_run_trains_captions_and_takes_scst(tiny_cfg, tmp_path):
     from it."""
     import json
 
-    from captioner.caption import Captioner
-    from captioner.datasets import load_records
-    from captioner.trainer import train
+    from captioner import Captioner
+    from captioner.data import load_records
+    from captioner.training.trainer import train
 
     small = ["model=show_attend_tell", "model.embed_dim=16", "model.hidden_dim=24", "model.attention_dim=8"]
     cfg = tiny_cfg(*small)

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from captioner.checkpoint import load_checkpoint
-from captioner.trainer import train
+from captioner.training.checkpoint import load_checkpoint
+from captioner.training.trainer import train
 from conftest import TINY, compose_config
 from trainrun import one_thread  # noqa: F401 (fixture)
 
@@ -50,10 +50,10 @@ def test_without_the_package_training_is_unchanged_and_says_so_once(shapes_root,
 
     with_board = train(cfg("with"))
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
-    with caplog.at_level(logging.INFO, logger="captioner.board"):
+    with caplog.at_level(logging.INFO, logger="captioner.training.board"):
         without = train(cfg("without"))
     assert not (tmp_path / "without" / "tensorboard").exists()
-    assert [r.getMessage() for r in caplog.records if r.name == "captioner.board"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "captioner.training.board"] == [
         "TensorBoard logging off: the tensorboard package is not installed (pip install tensorboard)"]
     drop = {"time_s"}
     assert {k: v for k, v in without.items() if k not in drop} == {k: v for k, v in with_board.items() if k not in drop}

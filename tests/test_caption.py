@@ -16,10 +16,10 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from captioner.checkpoint import save_checkpoint
-from captioner.encoders import ENCODER_DIMS
+from captioner.training.checkpoint import save_checkpoint
+from captioner.encoding.encoders import ENCODER_DIMS
 from captioner.models import build_model
-from captioner.vocab import SPECIALS, Vocabulary
+from captioner.data.vocab import SPECIALS, Vocabulary
 from conftest import compose_config
 
 REPO = Path(__file__).resolve().parents[1]

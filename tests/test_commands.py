@@ -15,11 +15,11 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from captioner.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from captioner.training.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from captioner.cli import check_config
-from captioner.encoders import ENCODER_DIMS
+from captioner.encoding.encoders import ENCODER_DIMS
 from captioner.models import build_model
-from captioner.vocab import SPECIALS, Vocabulary
+from captioner.data.vocab import SPECIALS, Vocabulary
 from conftest import TINY, compose_config
 from trainrun import assert_one_line_error, env, one_thread  # noqa: F401 (a fixture)
 
@@ -147,7 +147,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(
     import errno
 
     from captioner.cli import known_errors
-    from captioner.trainer import train
+    from captioner.training.trainer import train
 
     cfg = tiny_cfg()
     real_save, saves = torch.save, []
@@ -174,7 +174,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a tmpfs needs root")
 def test_a_full_tmpfs_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path, shapes_root, tiny_cfg):
     """The real thing: a run on a small tmpfs that has room for two checkpoints and a half."""
-    from captioner.trainer import train
+    from captioner.training.trainer import train
 
     probe = tiny_cfg("train.epochs=1")
     train(probe)
@@ -264,7 +264,7 @@ def old_format(ckpt: dict) -> dict:
 
 
 def test_checkpoints_of_the_previous_format_still_load_for_evaluate_and_caption(tiny_cfg, tmp_path, one_thread):
-    from captioner.trainer import train
+    from captioner.training.trainer import train
 
     cfg = tiny_cfg("train.epochs=1")
     train(cfg)

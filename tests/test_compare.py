@@ -3,6 +3,7 @@ import csv
 import json
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ def best(run_dir: Path, metric: str = "val/Bleu_4") -> dict:
 def sweep(tmp_path_factory, shapes_root):
     """A two-job multirun (seeds 0 and 1) and a single run of another setting."""
     root = tmp_path_factory.mktemp("sweep")
-    base = ["python", "-m", "captioner.train"]
+    base = [sys.executable, "-m", "captioner.train"]
     args = [*FAST, f"data.root={shapes_root}"]
     multirun = subprocess.run([*base, "-m", *args, "train.seed=0,1", f"hydra.sweep.dir={root / 'sweep'}"], cwd=ROOT,
                               env=env(), capture_output=True, text=True, timeout=300)
@@ -95,7 +96,7 @@ def test_a_run_made_before_an_option_existed_joins_the_row_of_its_setting():
 
 
 def test_compare_names_a_directory_without_runs(tmp_path):
-    proc = subprocess.run(["python", "-m", "captioner.compare", str(tmp_path)], cwd=ROOT, env=env(),
+    proc = subprocess.run([sys.executable, "-m", "captioner.compare", str(tmp_path)], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "no training runs" in proc.stderr
 
@@ -110,7 +111,7 @@ def test_the_comparison_png_renders_in_headless_chromium(sweep, tmp_path):
 
 def test_the_same_sweep_resumes_job_by_job_and_refuses_one_out_dir(sweep, shapes_root):
     before = [(sweep / "sweep" / job / "metrics.jsonl").read_text() for job in ("0", "1")]
-    args = ["python", "-m", "captioner.train", "-m", *FAST, f"data.root={shapes_root}", "train.seed=0,1",
+    args = [sys.executable, "-m", "captioner.train", "-m", *FAST, f"data.root={shapes_root}", "train.seed=0,1",
             f"hydra.sweep.dir={sweep / 'sweep'}"]
     again = subprocess.run([*args, "train.resume=auto"], cwd=ROOT, env=env(), capture_output=True, text=True,
                            timeout=300)

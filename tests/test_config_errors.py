@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner.checkpoint import load_checkpoint, save_checkpoint
+from captioner.training.checkpoint import load_checkpoint, save_checkpoint
 from captioner.cli import check_config
-from captioner.datasets import ImageRecord
-from captioner.engine import CaptionBatches
-from captioner.datasets import drop_empty_captions
-from captioner.vocab import Vocabulary
+from captioner.data import ImageRecord
+from captioner.data.batches import CaptionBatches
+from captioner.data import drop_empty_captions
+from captioner.data.vocab import Vocabulary
 from trainrun import assert_one_line_error, run
 
 
@@ -98,7 +98,7 @@ def test_empty_captions_are_skipped_with_a_count(caplog):
     records = {"train": [ImageRecord(1, "a.jpg", ["a red circle", "", "   ", ". ,"]),
                          ImageRecord(2, "b.jpg", ["", " "])],
                "val": [ImageRecord(3, "c.jpg", ["a blue square"])]}
-    with caplog.at_level(logging.WARNING, logger="captioner.datasets"):
+    with caplog.at_level(logging.WARNING, logger="captioner.data"):
         cleaned = drop_empty_captions(records)
     assert [r.captions for r in cleaned["train"]] == [["a red circle"]]
     assert cleaned["val"] == records["val"]
@@ -131,7 +131,7 @@ def test_non_ascii_and_very_long_captions(tmp_path):
 ])
 def test_bad_choices_fail_before_any_data_is_read(tmp_path, override, expected):
     from conftest import compose_config
-    from captioner.trainer import train
+    from captioner.training.trainer import train
 
     cfg = compose_config("train", ["data.name=flickr8k", f"data.root={tmp_path / 'nowhere'}",
                                    f"train.out_dir={tmp_path / 'run'}", override])

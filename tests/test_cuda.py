@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.checkpoint import load_checkpoint
+from captioner.training.checkpoint import load_checkpoint
 from captioner.runtime import Interrupted
-from captioner.trainer import train
+from captioner.training.trainer import train
 from conftest import TINY, compose_config
 from test_resume import RUN, assert_same_state, interrupt_at
 
@@ -35,8 +35,8 @@ def test_reduced_precision_training_follows_fp32(tmp_path, shapes_root, precisio
 
 
 def test_beam_search_on_cuda_gives_the_cpu_captions(tmp_path, shapes_root):
-    from captioner.checkpoint import restore_model
-    from captioner.decoding import generate
+    from captioner.training.restore import restore_model
+    from captioner.decoding.search import generate
 
     train(cfg_for(shapes_root, tmp_path / "run"))
     features = torch.from_numpy(np.load(next((shapes_root / "features").glob("efficientnet_lite0_val.npy")))).float()

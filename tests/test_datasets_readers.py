@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioner.datasets import ImageRecord
-from captioner.datasets.coco import load_coco_captions, load_coco_format, load_coco_karpathy
-from captioner.datasets.flickr8k import load_flickr8k
+from captioner.data import ImageRecord
+from captioner.data.coco import load_coco_captions, load_coco_format, load_coco_karpathy
+from captioner.data.flickr8k import load_flickr8k
 
 REAL_FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
 MISSING_FLICKR = "2258277193_586949ec62.jpg"

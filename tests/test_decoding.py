@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from captioner.config import DecodeConfig
-from captioner.decoding import DecodeOutput, generate
+from captioner.decoding.search import DecodeOutput, generate
 from captioner.models.show_tell import INJECT_MODES, ShowTell
-from captioner.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from captioner.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 VOCAB, FEATURE = 14, 10
 
@@ -62,7 +62,7 @@ def reference_beam(model, feature, k, max_length, penalty="none", alpha=0.7, ban
     finished = []
     for t in range(max_length + 1):
         tokens = torch.tensor([words[-1] if words else BOS_ID for words, _ in active])
-        logprobs, state = model.step(tokens, state)
+        logprobs, state = model.next_logprobs(tokens, state)
         logprobs = logprobs.tolist()
         candidates = []
         for i, (words, score) in enumerate(active):
@@ -273,8 +273,8 @@ def test_every_decode_config_decodes_through_the_engine(group):
     """conf/decode/*.yaml compose with the real schema and run through the one evaluation path."""
     import numpy as np
 
-    from captioner.engine import decode_features
-    from captioner.vocab import SPECIALS, Vocabulary
+    from captioner.decoding.captioner import decode_features
+    from captioner.data.vocab import SPECIALS, Vocabulary
     from conftest import compose_config
 
     cfg = compose_config("train", [f"decode={group}", "decode.max_length=5", "decode.n_best=2", "decode.batch_size=3"])

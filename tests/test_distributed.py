@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.distributed import Dist, shard_batches
-from captioner.objectives import Batch
-from captioner.trainer import train
+from captioner.training.distributed import Dist, shard_batches
+from captioner.data.batches import Batch
+from captioner.training.trainer import train
 from conftest import TINY, compose_config
 from trainrun import command, env, load, one_thread, wait_for_step  # noqa: F401 (fixture)
 
@@ -100,7 +100,7 @@ def test_torchrun_extraction_writes_the_cache_one_process_writes(tmp_path, one_t
 
     import numpy as np
 
-    from captioner.datasets import load_records
+    from captioner.data import load_records
     from captioner.extract import extract
     from trainrun import ROOT
 

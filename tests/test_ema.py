@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from captioner.ema import WeightAverage
+from captioner.training.ema import WeightAverage
 
 
 def test_average_follows_the_weights_with_warmed_up_decay():

@@ -8,7 +8,7 @@ import torchvision
 from matplotlib import cbook
 from PIL import Image
 
-from captioner.encoders import (
+from captioner.encoding.encoders import (
     ENCODER_DIMS, WeightsUnavailableError, build_encoder,
 )
 
@@ -181,7 +181,7 @@ def test_input_size_and_crop_pct_change_preprocessing_and_cache_name():
 def test_encoder_from_config_reads_configs_saved_before_the_size_keys():
     from omegaconf import OmegaConf
 
-    from captioner.encoders import encoder_from_config
+    from captioner.encoding.encoders import encoder_from_config
 
     old = OmegaConf.create({"name": "efficientnet_lite0", "pretrained": False, "weights": None})
     assert encoder_from_config(old).cache_name == "efficientnet_lite0"

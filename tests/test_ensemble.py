@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-from captioner.decoding import generate
-from captioner.ensemble import Ensemble
+from captioner.decoding.search import generate
+from captioner.decoding.ensemble import Ensemble
 from captioner.models.show_tell import ShowTell
-from captioner.vocab import BOS_ID
+from captioner.data.vocab import BOS_ID
 from conftest import TINY
 from trainrun import assert_one_line_error, env
 
@@ -26,12 +26,12 @@ def _models(n=2):
     return models
 
 
-def test_step_is_the_log_of_the_mean_probability():
+def test_next_logprobs_is_the_log_of_the_mean_probability():
     a, b = _models()
     features, tokens = torch.randn(3, D), torch.full((3,), BOS_ID)
-    logp, _ = Ensemble([a, b]).step(tokens, Ensemble([a, b]).init_state(features))
-    pa, _ = a.step(tokens, a.init_state(features))
-    pb, _ = b.step(tokens, b.init_state(features))
+    logp, _ = Ensemble([a, b]).next_logprobs(tokens, Ensemble([a, b]).init_state(features))
+    pa, _ = a.next_logprobs(tokens, a.init_state(features))
+    pb, _ = b.next_logprobs(tokens, b.init_state(features))
     assert torch.allclose(logp.exp(), (pa.exp() + pb.exp()) / 2, atol=1e-6)
     assert torch.allclose(logp.exp().sum(-1), torch.ones(3), atol=1e-5)
 

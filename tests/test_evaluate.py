@@ -63,7 +63,7 @@ def test_cli_prints_scores_on_named_scale():
 
 
 def test_evaluates_a_checkpoint_and_writes_results(tiny_cfg, tmp_path):
-    from captioner.trainer import train
+    from captioner.training.trainer import train
 
     cfg = tiny_cfg("train.epochs=1")
     train(cfg)
@@ -74,8 +74,8 @@ def test_evaluates_a_checkpoint_and_writes_results(tiny_cfg, tmp_path):
     results = json.loads((tmp_path / "run" / "results_test_beam.json").read_text())
     assert len(results) == cfg.data.num_test and {"image_id", "caption"} <= set(results[0])
     # the scores are those of the captions written, against the test split's references
-    from captioner.datasets import load_records
-    from captioner.metrics import score_captions
+    from captioner.data import load_records
+    from captioner.evaluation.metrics import score_captions
 
     references = {r.image_id: r.captions for r in load_records(cfg.data)["test"]}
     again = score_captions(references, {r["image_id"]: r["caption"] for r in results},

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from captioner.config import CONF_DIR, validate
-from captioner.encoders import ENCODER_DIMS
+from captioner.encoding.encoders import ENCODER_DIMS
 from captioner.models import build_model
 from conftest import compose_config
 

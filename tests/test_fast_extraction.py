@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner import precision as precision_module
-from captioner.datasets import ImageRecord
-from captioner.encoders import build_encoder, fast_forward
-from captioner.features import split_features
-from captioner.precision import inference_dtype
+from captioner.training import precision as precision_module
+from captioner.data import ImageRecord
+from captioner.encoding.encoders import build_encoder, fast_forward
+from captioner.encoding.features import split_features
+from captioner.training.precision import inference_dtype
 from test_features import _light  # noqa: F401 (autouse: one thread per test)
 
 
@@ -69,9 +69,9 @@ def test_a_compiled_extraction_agrees_with_an_eager_one(tmp_path, photos, grid):
 def test_without_a_compiler_extraction_warns_once_and_runs_eagerly(tmp_path, photos, monkeypatch, caplog):
     monkeypatch.setattr(precision_module, "has_cxx_compiler", lambda: False)
     eager, _, _ = _cache(lite0(), photos, tmp_path / "eager", compile=False)
-    with caplog.at_level(logging.WARNING, logger="captioner.encoders"):
+    with caplog.at_level(logging.WARNING, logger="captioner.encoding.encoders"):
         fallback, _, _ = _cache(lite0(), photos, tmp_path / "fallback", compile=True)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "captioner.encoders"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "captioner.encoding.encoders"]
     assert len(warnings) == 1 and "C++ compiler" in warnings[0] and "encoder.compile=false" in warnings[0]
     np.testing.assert_array_equal(fallback, eager)
 

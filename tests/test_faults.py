@@ -4,13 +4,13 @@ import signal
 import pytest
 import torch
 
-from captioner import checkpoint
-from captioner.checkpoint import load_checkpoint, save_checkpoint
+from captioner.training import checkpoint
+from captioner.training.checkpoint import load_checkpoint, save_checkpoint
 from captioner.cli import known_errors
 from captioner.runtime import Interrupted
-from captioner.images import BadImageError
-from captioner.models.show_tell import ShowTell
-from captioner.trainer import train
+from captioner.data.images import BadImageError
+from captioner.objectives.cross_entropy import CrossEntropy
+from captioner.training.trainer import train
 from conftest import TINY, compose_config
 from trainrun import error_lines, one_thread, start, wait_for_step  # noqa: F401 (fixture)
 
@@ -69,14 +69,16 @@ def test_a_kill_during_a_write_leaves_a_temp_file_that_the_next_run_removes(tmp_
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, shapes_root, monkeypatch):
-    original, calls = ShowTell.loss, {"n": 0}
+    original, calls = CrossEntropy.__call__, {"n": 0}
 
-    def loss(self, features, tokens, label_smoothing=0.0):
-        value, n = original(self, features, tokens, label_smoothing)
+    def loss(self, model, batch):
+        out = original(self, model, batch)
         calls["n"] += 1
-        return (value * float("nan") if calls["n"] == 5 else value), n
+        if calls["n"] == 5:
+            out.loss = out.loss * float("nan")
+        return out
 
-    monkeypatch.setattr(ShowTell, "loss", loss)
+    monkeypatch.setattr(CrossEntropy, "__call__", loss)
     out = tmp_path / "run"
     with pytest.raises(FloatingPointError) as info:
         train(cfg_for(shapes_root, out, "train.save_every=2"))

@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from captioner.datasets import ImageRecord
-from captioner.encoders import _IMAGENET_SPEC, _LITE0_SPEC, ENCODER_DIMS, Encoder
+from captioner.data import ImageRecord
+from captioner.encoding.encoders import _IMAGENET_SPEC, _LITE0_SPEC, ENCODER_DIMS, Encoder
 from captioner.extract import extract
-from captioner.features import split_features
-from captioner.images import BadImageError
+from captioner.encoding.features import split_features
+from captioner.data.images import BadImageError
 
 from conftest import compose_config
 
@@ -193,7 +193,7 @@ def test_extraction_leaves_the_global_rng_alone(tmp_path, images):
 
 
 def test_another_image_size_gets_its_own_cache_beside_the_standard_one(tmp_path, images):
-    from captioner.encoders import sized_spec
+    from captioner.encoding.encoders import sized_spec
 
     cache = tmp_path / "cache"
     standard = split_features(tiny_encoder(), images, cache, "train", progress=False).features

@@ -6,12 +6,13 @@ import signal
 import pytest
 import torch
 
-from captioner.caption import Captioner
-from captioner.checkpoint import load_checkpoint, restore_model
+from captioner import Captioner
+from captioner.training.checkpoint import load_checkpoint
+from captioner.training.restore import restore_model
 from captioner.runtime import Interrupted
 from captioner.evaluate import evaluate_checkpoint
-from captioner.models.show_tell import ShowTell
-from captioner.trainer import train
+from captioner.objectives.cross_entropy import CrossEntropy
+from captioner.training.trainer import train
 from conftest import TINY, compose_config
 from test_resume import assert_same_state, rows
 from trainrun import one_thread  # noqa: F401 (fixture)
@@ -31,26 +32,26 @@ def cfg_for(root, out_dir, *overrides):
 def watch(monkeypatch, interrupt_at=None):
     """Record, at every training step, whether the loss sees trainable features, the encoder's
     stem weights and the BatchNorm modes; deliver SIGINT during step ``interrupt_at``."""
-    import captioner.trainer as train_module
+    import captioner.training.trainer as train_module
 
     built, steps = [], []
-    original_build, original_loss = train_module.run_encoder, ShowTell.loss
+    original_build, original_loss = train_module.run_encoder, CrossEntropy.__call__
 
     def run_encoder(*args, **kwargs):
         built.append(original_build(*args, **kwargs))
         return built[-1]
 
-    def loss(self, features, tokens, label_smoothing=0.0):
-        encoder = built[-1]
+    def loss(self, model, batch):
+        features, encoder = batch.features, built[-1]
         bn = [m.training for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         steps.append({"grad": features.requires_grad, "stem": encoder.net._conv_stem.weight.detach().clone(),
                       "encoder_training": encoder.training, "bn_training": any(bn)})
         if len(steps) == interrupt_at:
             signal.raise_signal(signal.SIGINT)
-        return original_loss(self, features, tokens, label_smoothing)
+        return original_loss(self, model, batch)
 
     monkeypatch.setattr(train_module, "run_encoder", run_encoder)
-    monkeypatch.setattr(ShowTell, "loss", loss)
+    monkeypatch.setattr(CrossEntropy, "__call__", loss)
     return steps
 
 
@@ -92,7 +93,7 @@ def test_checkpoint_encoder_is_used_by_restore_captioner_and_evaluate(reference,
     for name, value in encoder.state_dict().items():
         assert torch.equal(value, ckpt["encoder"][name]), name
 
-    from captioner.datasets import load_records
+    from captioner.data import load_records
 
     records = load_records(compose_config("train", [*TINY, f"data.root={reference['root']}", *RUN]).data)["val"]
     captioner = Captioner.from_checkpoint(path, device="cpu")
@@ -151,7 +152,7 @@ def test_fine_tuning_under_torchrun_matches_one_process(reference, tmp_path, one
     for name, tensor in one["model"].items():
         torch.testing.assert_close(two["model"][name], tensor, rtol=0, atol=1e-5, msg=name)
 
-    from captioner.encoders import build_encoder
+    from captioner.encoding.encoders import build_encoder
 
     pretrained = build_encoder("efficientnet_lite0")
     # the encoder's parameter group, in named_parameters order; Adam's exp_avg is (1 - beta1) g

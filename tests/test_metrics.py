@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from captioner import metrics
-from captioner.metrics import format_scores, score_captions, score_results_file
+from captioner.evaluation import metrics
+from captioner.evaluation.metrics import format_scores, score_captions, score_results_file
 
 HAVE_JAVA = shutil.which("java") is not None
 needs_java = pytest.mark.skipif(not HAVE_JAVA, reason="needs Java")

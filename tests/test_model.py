@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from captioner.models.show_tell import CELLS, INJECT_MODES, ShowTell
-from captioner.vocab import BOS_ID, EOS_ID, PAD_ID
+from captioner.data.vocab import BOS_ID, EOS_ID, PAD_ID
+from conftest import cross_entropy_loss
 
 V, D = 23, 10
 
@@ -27,14 +28,14 @@ def test_shapes_and_gradients_for_every_option(inject, cell):
     model = ShowTell(V, D, embed_dim=8, hidden_dim=12, num_layers=2, dropout=0.1, cell=cell, inject=inject)
     features, tokens = _batch()
     assert model(features, tokens).shape == (4, 6, V)
-    loss, n_tokens = model.loss(features, tokens)
+    loss, n_tokens = cross_entropy_loss(model, features, tokens)
     assert n_tokens == int((tokens[:, 1:] != PAD_ID).sum())
     loss.backward()
     for name, p in model.named_parameters():
         if name == "embed.weight":  # only rows of tokens that appear get a gradient
             continue
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
-    logprobs, state = model.step(torch.full((4,), BOS_ID), model.init_state(features))
+    logprobs, state = model.next_logprobs(torch.full((4,), BOS_ID), model.init_state(features))
     assert logprobs.shape == (4, V)
     assert torch.allclose(logprobs.exp().sum(-1), torch.ones(4), atol=1e-5)
 
@@ -48,7 +49,7 @@ def test_step_by_step_equals_teacher_forcing(inject):
     full = torch.log_softmax(model(features, tokens), dim=-1)
     state = model.init_state(features)
     for t in range(tokens.size(1) - 1):
-        logprobs, state = model.step(tokens[:, t], state)
+        logprobs, state = model.next_logprobs(tokens[:, t], state)
         assert torch.allclose(logprobs, full[:, t], atol=1e-5)
 
 
@@ -57,7 +58,7 @@ def test_loss_ignores_padding():
     model = ShowTell(V, D, embed_dim=8, hidden_dim=12, dropout=0.0).eval()
     features, tokens = _batch(batch=1, length=5)
     padded = torch.cat([tokens, torch.full((1, 4), PAD_ID)], dim=1)
-    assert torch.allclose(model.loss(features, tokens)[0], model.loss(features, padded)[0])
+    assert torch.allclose(cross_entropy_loss(model, features, tokens)[0], cross_entropy_loss(model, features, padded)[0])
 
 
 def test_first_step_bias_only_touches_first_step():
@@ -67,7 +68,7 @@ def test_first_step_bias_only_touches_first_step():
     # the image enters through the first word step only: a zero feature changes the output
     zero_state = model.init_state(torch.zeros(1, D))
     bos = torch.tensor([BOS_ID])
-    assert not torch.allclose(model.step(bos, state)[0], model.step(bos, zero_state)[0])
+    assert not torch.allclose(model.next_logprobs(bos, state)[0], model.next_logprobs(bos, zero_state)[0])
 
 
 def test_overfits_one_batch():
@@ -76,7 +77,7 @@ def test_overfits_one_batch():
     features, tokens = _batch(batch=8, length=9, seed=5)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(150):
-        loss, _ = model.loss(features, tokens)
+        loss, _ = cross_entropy_loss(model, features, tokens)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -100,7 +101,7 @@ def test_tied_embeddings_share_one_matrix_and_need_equal_sizes():
 
 
 def test_label_smoothing_is_the_cross_entropy_objectives_option():
-    from captioner.objectives import Batch
+    from captioner.data.batches import Batch
     from captioner.objectives.cross_entropy import CrossEntropy
 
     torch.manual_seed(4)
@@ -109,7 +110,7 @@ def test_label_smoothing_is_the_cross_entropy_objectives_option():
     batch = Batch(features, tokens, torch.arange(len(features)))
     plain, smooth = CrossEntropy()(model, batch), CrossEntropy(label_smoothing=0.1)(model, batch)
     assert plain.weight == smooth.weight == int((tokens[:, 1:] != 0).sum())
-    assert torch.allclose(plain.loss, model.loss(features, tokens)[0])
+    assert torch.allclose(plain.loss, cross_entropy_loss(model, features, tokens)[0])
     # smoothing adds eps * (mean over words of -log p - the target's -log p) to the plain loss
     logits = model(features, tokens)[tokens[:, 1:] != 0]
     uniform = -logits.log_softmax(-1).mean(-1).mean()

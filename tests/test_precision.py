@@ -7,16 +7,17 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from captioner import precision as precision_module
-from captioner.engine import train_one_epoch
+from captioner.training import precision as precision_module
+from captioner.training.engine import train_one_epoch
 from captioner.models.show_tell import ShowTell
-from captioner.objectives import Batch
-from captioner.optim import adam_options
-from captioner.precision import PRECISIONS, Precision, compile_loss
-from captioner.vocab import BOS_ID, EOS_ID, PAD_ID
+from captioner.data.batches import Batch
+from captioner.training.optim import adam_options
+from captioner.training.precision import PRECISIONS, Precision, compile_loss
+from captioner.data.vocab import BOS_ID, EOS_ID, PAD_ID
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench_train  # noqa: E402
+from conftest import cross_entropy_loss
 
 V, D = 60, 16
 # Autocast changes the loss of a fresh model by ~1e-4 relative here (bf16 keeps 8 bits of
@@ -117,7 +118,7 @@ def test_every_inject_and_cell_runs_under_bf16():
             torch.manual_seed(0)
             model = ShowTell(V, D, embed_dim=8, hidden_dim=12, num_layers=2, cell=cell, inject=inject)
             with Precision("bf16", "cpu").autocast():
-                loss, _ = model.loss(features, tokens)
+                loss, _ = cross_entropy_loss(model, features, tokens)
             loss.backward()
             assert loss.dtype == torch.float32 and torch.isfinite(loss), (inject, cell)
 
@@ -136,7 +137,7 @@ def test_compile_loss_keeps_the_checkpoint_names_and_eager_decoding(monkeypatch)
     names = list(model.state_dict())
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the wiring only; the real one is slow below
     compile_loss(model)
-    assert list(model.state_dict()) == names and "loss" in vars(model)
+    assert list(model.state_dict()) == names and "teacher_forced" in vars(model)
     assert "step" not in vars(model)  # decoding keeps the eager one-step function
 
 
@@ -162,7 +163,7 @@ def test_output_layer_runs_on_real_tokens_only():
     assert n_real < tokens[:, 1:].numel()
     for batch_tokens in (tokens, padded):
         with FlopCounterMode(display=False) as counter:
-            loss, n = model.loss(features, batch_tokens)
+            loss, n = cross_entropy_loss(model, features, batch_tokens)
             loss.backward()
         assert n == n_real
         assert counter.get_total_flops() == 2 * (2 * B * D * E) + 3 * (2 * n_real * H * V)
@@ -185,7 +186,7 @@ def test_bench_train_smoke():
 def test_train_entry_point_takes_the_options(tiny_cfg):
     """train.precision reaches the step through captioner.train (bf16 on CPU where the CPU has a
     bfloat16 LSTM, refused at start-up where it has not), and a bad value fails with one clear error."""
-    from captioner.trainer import train
+    from captioner.training.trainer import train
 
     if CPU_BF16:
         final = train(tiny_cfg("train.precision=bf16", "train.epochs=1", "train.max_steps=2", "train.plot=false"))
@@ -200,7 +201,7 @@ def test_train_entry_point_takes_the_options(tiny_cfg):
 def test_an_unsupported_precision_fails_before_the_data_is_read(tiny_cfg, tmp_path, monkeypatch):
     """A precision this machine cannot run is refused at start-up, not after minutes of feature
     extraction: here the data folder does not even exist, and the precision is what is named."""
-    from captioner.trainer import train
+    from captioner.training.trainer import train
 
     monkeypatch.setattr(precision_module, "_autocast_works", lambda *args: False)
     with pytest.raises(ValueError, match="train.precision=bf16 is not supported"):

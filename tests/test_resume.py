@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from captioner.training.checkpoint import load_checkpoint, save_checkpoint
+from captioner.training.rng import rng_state, set_rng_state
 from captioner.runtime import Interrupted
-from captioner.models.show_tell import ShowTell
-from captioner.trainer import train
+from captioner.objectives.cross_entropy import CrossEntropy
+from captioner.training.trainer import train
 from conftest import TINY, compose_config
 from trainrun import load, one_thread, run, start, wait_for_step  # noqa: F401 (fixture)
 
@@ -46,15 +47,15 @@ def assert_same_state(a: dict, b: dict):
 
 def interrupt_at(monkeypatch, step: int, signum=signal.SIGINT):
     """Deliver ``signum`` to this process during training step ``step`` (1-based)."""
-    original, calls = ShowTell.loss, {"n": 0}
+    original, calls = CrossEntropy.__call__, {"n": 0}
 
-    def loss(self, features, tokens, label_smoothing=0.0):
+    def loss(self, model, batch):
         calls["n"] += 1
         if calls["n"] == step:
             signal.raise_signal(signum)
-        return original(self, features, tokens, label_smoothing)
+        return original(self, model, batch)
 
-    monkeypatch.setattr(ShowTell, "loss", loss)
+    monkeypatch.setattr(CrossEntropy, "__call__", loss)
 
 
 def test_sigint_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, shapes_root, monkeypatch, one_thread):

@@ -1,4 +1,4 @@
-"""captioner.rewards.CiderD against pycocoevalcap's CIDEr-D, caption by caption, to 1e-9."""
+"""captioner.objectives.rewards.CiderD against pycocoevalcap's CIDEr-D, caption by caption, to 1e-9."""
 from __future__ import annotations
 
 import random
@@ -10,7 +10,7 @@ import pytest
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.cider.cider_scorer import CiderScorer
 
-from captioner.rewards import CiderD
+from captioner.objectives.rewards import CiderD
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from bench_reward import CorpusDfScorer  # noqa: E402 (the bench's reference: the toolkit with another corpus's df)
@@ -41,7 +41,7 @@ def toolkit_scores(corpus, image_ids, candidates, references=None, eos=None) -> 
 
 
 def toolkit_cider(references, candidates) -> np.ndarray:
-    """``Cider().compute_score`` as captioner.metrics calls it: one candidate per image, the
+    """``Cider().compute_score`` as captioner.evaluation.metrics calls it: one candidate per image, the
     document frequencies from the scored images' references."""
     gts = {i: [_line(r) for r in references[i]] for i in candidates}
     res = {i: [_line(candidates[i])] for i in candidates}
@@ -248,7 +248,7 @@ def test_flickr8k_captions():
 
 
 def test_two_step_sort_for_huge_corpora_gives_the_same_scores(monkeypatch):
-    from captioner import rewards
+    from captioner.objectives import rewards
 
     rng = random.Random(7)
     train, val = _corpus(rng, 40, prefix="train"), _corpus(rng, 6, prefix="val")
@@ -268,7 +268,7 @@ def test_two_step_sort_for_huge_corpora_gives_the_same_scores(monkeypatch):
 def test_bleu4_is_the_toolkits_per_caption_bleu4():
     from pycocoevalcap.bleu.bleu import Bleu
 
-    from captioner.rewards import bleu4
+    from captioner.objectives.rewards import bleu4
 
     refs = [[["a", "dog", "runs", "on", "the", "grass"], ["a", "brown", "dog", "running"]],
             [["a", "cat", "on", "a", "red", "sofa"], ["the", "cat", "is", "asleep"]],

@@ -5,8 +5,9 @@ import pickle
 import pytest
 import torch
 
-from captioner.checkpoint import CheckpointError, load_checkpoint, restore_model, save_checkpoint
-from captioner.trainer import train
+from captioner.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from captioner.training.restore import restore_model
+from captioner.training.trainer import train
 from conftest import TINY, compose_config
 from trainrun import assert_one_line_error, one_thread, run  # noqa: F401 (fixture)
 

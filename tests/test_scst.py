@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.decoding import as_tokens, draw
+from captioner.decoding.search import as_tokens, draw
 from captioner.models.show_tell import ShowTell
-from captioner.objectives import Batch
+from captioner.data.batches import Batch
 from captioner.objectives.scst import reference_ids
-from captioner.trainer import train
-from captioner.vocab import BOS_ID, EOS_ID, PAD_ID
+from captioner.training.trainer import train
+from captioner.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from conftest import TINY, compose_config
 from test_resume import assert_same_state, rows
 from trainrun import load, one_thread, run, start, wait_for_step  # noqa: F401 (fixture)
@@ -71,9 +71,9 @@ def test_a_sampling_temperature_is_the_distribution_sampled_and_scored():
 def test_a_sampled_unk_earns_nothing_from_rare_reference_words():
     """References keep their rare words as ids of their own: <unk> in a sample matches nothing,
     as the word "<unk>" matches nothing when captions are scored as text."""
-    from captioner.datasets import ImageRecord
-    from captioner.rewards import CiderD
-    from captioner.vocab import UNK_ID, Vocabulary
+    from captioner.data import ImageRecord
+    from captioner.objectives.rewards import CiderD
+    from captioner.data.vocab import UNK_ID, Vocabulary
 
     vocab = Vocabulary.build(["a dog runs on grass", "a dog runs", "a cat sits on grass"], min_count=2)
     records = [ImageRecord(0, "a.jpg", ["a zebu runs on grass", "a gnu runs on grass"]),
@@ -92,8 +92,8 @@ def test_a_sampled_unk_earns_nothing_from_rare_reference_words():
 
 def test_the_mean_baseline_gives_each_image_a_zero_mean_advantage(monkeypatch):
     from captioner.objectives.scst import ScstConfig, SelfCritical
-    from captioner.datasets import ImageRecord
-    from captioner.vocab import Vocabulary
+    from captioner.data import ImageRecord
+    from captioner.data.vocab import Vocabulary
     from omegaconf import OmegaConf
 
     records = [ImageRecord(i, f"{i}.png", [f"a {c} square", f"the {c} square"]) for i, c in enumerate(["red", "blue"])]

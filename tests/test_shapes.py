@@ -1,6 +1,6 @@
 import hashlib
 
-from captioner.datasets.shapes import CAPTIONS_PER_IMAGE, COLORS, SHAPES, load_shapes
+from captioner.data.shapes import CAPTIONS_PER_IMAGE, COLORS, SHAPES, load_shapes
 
 
 def _digest(records):

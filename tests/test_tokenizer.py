@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from captioner import tokenizer as T
-from captioner.tokenizer import PUNCTUATIONS, tokenize, tokenize_lines
+from captioner.data import tokenizer as T
+from captioner.data.tokenizer import PUNCTUATIONS, tokenize, tokenize_lines
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs Java")
@@ -79,7 +79,7 @@ def test_punctuation_list_is_the_toolkits():
 
 @needs_java
 def test_same_as_java_on_tricky_strings():
-    from captioner.metrics import _java_tokenize_lines
+    from captioner.evaluation.metrics import _java_tokenize_lines
 
     texts = [text for text, _ in CASES] + ["A stop light has a P.", "A man", "The U.S.", "The dog"]
     assert _java_tokenize_lines(texts) == tokenize_lines(texts)
@@ -131,7 +131,7 @@ def _corpus():
 @pytest.mark.slow
 @needs_java
 def test_same_as_java_on_coco_val2014_and_flickr8k():
-    from captioner.metrics import _java_tokenize_lines
+    from captioner.evaluation.metrics import _java_tokenize_lines
 
     captions = _corpus()
     java = _java_tokenize_lines(captions)

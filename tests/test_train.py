@@ -5,10 +5,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from captioner.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from captioner.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from captioner.models import build_model
-from captioner.trainer import train
-from captioner.vocab import Vocabulary
+from captioner.training.trainer import train
+from captioner.data.vocab import Vocabulary
 
 
 def test_tiny_train_run_from_real_config(tiny_cfg):
@@ -26,10 +26,10 @@ def test_tiny_train_run_from_real_config(tiny_cfg):
 
 def test_the_checkpoint_holds_the_model_that_was_validated(tiny_cfg):
     """best.pt decodes the val split to exactly the BLEU that training measured for that epoch."""
-    from captioner.checkpoint import restore_model
-    from captioner.datasets import load_records
-    from captioner.engine import evaluate
-    from captioner.features import feature_cache_dir, split_features
+    from captioner.training.restore import restore_model
+    from captioner.data import load_records
+    from captioner.evaluation.loop import evaluate
+    from captioner.encoding.features import feature_cache_dir, split_features
 
     cfg = tiny_cfg("train.epochs=1")
     final = train(cfg)

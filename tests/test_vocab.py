@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from captioner.vocab import BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID, Vocabulary
+from captioner.data.vocab import BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID, Vocabulary
 
 CAPTIONS = ["A dog runs.", "a dog sits", "The dog runs fast!", "a cat", "a cat sleeps"]
 

@@ -1,22 +1,21 @@
 """Decoders behind one registry keyed by ``model.name``.
 
-Each module of this package defines one decoder class, decorated with
+Each module of this package defines one decoder: a subclass of ``captioner.models.base.Decoder``
+(the contract: what a decoder writes and what it gets for free), decorated with
 ``@MODELS.register(name, Schema)`` where ``Schema`` is its config dataclass (a subclass of
-``captioner.config.ModelConfig``); ``conf/model/<name>.yaml`` selects it. Every decoder speaks
-the one-step decoding protocol (``init_state`` / ``step`` / ``reorder_state``), has
-``loss(features, tokens, label_smoothing)`` for teacher forcing, ``from_config(cfg,
-vocab_size, feature_dim)`` and ``reads_grid`` (pooled [B, D] or region [B, regions, D]
-features), so decoding, objectives, ensembles and checkpoints work for each unchanged. Adding a model is one module here plus its config file.
+``captioner.config.ModelConfig``); ``conf/model/<name>.yaml`` selects it. Adding a model is one
+module here plus its config file.
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+import dataclasses
+
 from torch import nn
 
+from captioner.models.base import check_decoder
 from captioner.registry import Registry
 
-MODELS = Registry("model", __name__)
+MODELS = Registry("model", __name__, contract=check_decoder)
 
 
 def _model_class(model_cfg) -> type:
@@ -28,16 +27,13 @@ def build_model(model_cfg, vocab_size: int, feature_dim: int) -> nn.Module:
     return _model_class(model_cfg).from_config(model_cfg, vocab_size, feature_dim)
 
 
-def caption_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                     temperature: float = 1.0) -> torch.Tensor:
-    """Sum per caption [B] of the log-probabilities of its real target tokens: ``logits`` [n, V]
-    and ``targets`` [n] are the positions where ``mask`` [B, T] is true, in row-major order."""
-    token_logprobs = -F.cross_entropy(logits.float() / temperature, targets, reduction="none")
-    rows = torch.arange(mask.size(0), device=mask.device)[:, None].expand_as(mask)[mask]
-    return torch.zeros(mask.size(0), device=mask.device).index_add_(0, rows, token_logprobs)
-
-
 def reads_grid(model_cfg) -> bool:
     """Whether that decoder reads a grid of region features [B, regions, D] (attention) rather
     than one pooled vector [B, D]: what the encoder and the feature cache must give it."""
     return _model_class(model_cfg).reads_grid
+
+
+def shape_keys(name: str) -> list[str]:
+    """The fields of model ``name``'s schema that shape its weights (``shapes=True`` on the field):
+    two checkpoints differing in one of them cannot load each other's weights."""
+    return [f.name for f in dataclasses.fields(MODELS.schema(name or "show_tell")) if f.metadata.get("shapes")]

@@ -11,9 +11,8 @@ much the word needs the image; sgrvinod's tutorial uses one per channel), and fe
 regions (as sgrvinod's tutorial does; the paper sums them, against a loss summed over the
 words), so that at lambda = 1 it stays below the per-word cross-entropy it is added to.
 
-It speaks the decoding protocol of every decoder (``init_state`` / ``step`` / ``reorder_state``),
-so greedy, sampling, beam search, ensembles and SCST decode it unchanged; each step leaves its
-attention weights in the state, and ``attention_maps`` gives them for given captions.
+The score layer has no bias: a softmax does not see a shift, so a bias there would get an exactly
+zero gradient and never learn (checkpoints written with one load without it).
 """
 from __future__ import annotations
 
@@ -24,19 +23,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captioner.config import ModelConfig, at_least, between
-from captioner.models import MODELS, caption_logprobs
-from captioner.vocab import PAD_ID
+from captioner.config import ModelConfig, at_least, between, shaping
+from captioner.data.vocab import PAD_ID
+from captioner.models import MODELS
+from captioner.models.base import Decoder, TeacherForced
 
 
 @dataclass
 class ShowAttendTellConfig(ModelConfig):
     name: str = "show_attend_tell"
-    embed_dim: int = at_least(256, 1)
-    hidden_dim: int = at_least(256, 1)
-    attention_dim: int = at_least(256, 1)
+    embed_dim: int = at_least(256, 1, shapes=True)
+    hidden_dim: int = at_least(256, 1, shapes=True)
+    attention_dim: int = at_least(256, 1, shapes=True)
     dropout: float = between(0.5, 0.0, 1.0)
-    gate: bool = True  # the gating scalar beta on the context vector
+    gate: bool = shaping(True)  # the gating scalar beta on the context vector
     attention_penalty: float = at_least(1.0, 0.0)  # lambda of the doubly stochastic regularization; 0: off
 
 
@@ -51,28 +51,34 @@ class AttentionState(NamedTuple):
     attention: Optional[torch.Tensor] = None
 
 
+def _drop_score_bias(state_dict, prefix, *args) -> None:
+    """Checkpoints written before the score layer lost its bias: the bias never learned (see the
+    module docstring) and changes no attention weight, so it is dropped."""
+    state_dict.pop(prefix + "score.bias", None)
+
+
 @MODELS.register("show_attend_tell", ShowAttendTellConfig)
-class ShowAttendTell(nn.Module):
+class ShowAttendTell(Decoder):
     reads_grid = True
+    attends = True
 
     def __init__(self, vocab_size: int, feature_dim: int, embed_dim: int = 512, hidden_dim: int = 512,
                  attention_dim: int = 512, dropout: float = 0.5, gate: bool = True,
                  attention_penalty: float = 1.0, pad_id: int = PAD_ID):
-        super().__init__()
-        self.vocab_size, self.feature_dim, self.embed_dim = vocab_size, feature_dim, embed_dim
-        self.attention_penalty, self.pad_id = attention_penalty, pad_id
+        super().__init__(vocab_size, feature_dim)
+        self.embed_dim, self.attention_penalty = embed_dim, attention_penalty
         self.init_h = nn.Linear(feature_dim, hidden_dim)
         self.init_c = nn.Linear(feature_dim, hidden_dim)
         self.region_key = nn.Linear(feature_dim, attention_dim)
         self.hidden_query = nn.Linear(hidden_dim, attention_dim)
-        self.score = nn.Linear(attention_dim, 1)
+        self.score = nn.Linear(attention_dim, 1, bias=False)
         self.gate = nn.Linear(hidden_dim, 1) if gate else None
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
         self.cell = nn.LSTMCell(embed_dim + feature_dim, hidden_dim)
         self.dropout = nn.Dropout(dropout)
         self.output = nn.Linear(hidden_dim, vocab_size)
+        self._register_load_state_dict_pre_hook(_drop_score_bias)
 
-    # -- the image step -----------------------------------------------------------------
     def init_state(self, features: torch.Tensor) -> AttentionState:
         """State ready to read <bos>, from the regions [B, R, D]."""
         mean = features.mean(dim=1)
@@ -99,72 +105,25 @@ class ShowAttendTell(nn.Module):
         h = torch.sigmoid(o) * torch.tanh(c)
         return AttentionState(h, c, state.regions, state.keys, alpha)
 
-    # -- teacher forcing ----------------------------------------------------------------
-    def _teacher_forced(self, features: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states [B, T, H] and attention weights [B, T, R] after reading each of ``inputs``."""
+    def teacher_forced(self, features: torch.Tensor, tokens: torch.Tensor, where: torch.Tensor) -> TeacherForced:
         state = self.init_state(features)
-        word_gates = self._word_gates(inputs)
+        word_gates = self._word_gates(tokens[:, :-1])
         hidden, alphas = [], []
-        for t in range(inputs.size(1)):
+        for t in range(word_gates.size(1)):
             state = self._advance(word_gates[:, t], state)
             hidden.append(state.h)
             alphas.append(state.attention)
-        return torch.stack(hidden, dim=1), torch.stack(alphas, dim=1)
-
-    def _real_logits(self, features: torch.Tensor, tokens: torch.Tensor):
-        """(logits [n, V] of the real target positions, their targets [n], the mask [B, T-1],
-        the attention weights [B, T-1, R])."""
-        hidden, alphas = self._teacher_forced(features, tokens[:, :-1])
-        targets = tokens[:, 1:]
-        mask = targets != self.pad_id
-        return self.output(self.dropout(hidden[mask])), targets[mask], mask, alphas
-
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T-1, V] predicting tokens[:, 1:] from tokens[:, :-1]."""
-        hidden, _ = self._teacher_forced(features, tokens[:, :-1])
-        return self.output(self.dropout(hidden))
-
-    def loss(self, features: torch.Tensor, tokens: torch.Tensor,
-             label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
-        """Mean cross-entropy over real target tokens (plus the attention penalty), and their count."""
-        logits, real, mask, alphas = self._real_logits(features, tokens)
-        loss = F.cross_entropy(logits, real, label_smoothing=label_smoothing)
+        hidden, alphas = torch.stack(hidden, dim=1), torch.stack(alphas, dim=1)
+        penalty = None
         if self.attention_penalty:
-            coverage = (alphas * mask.unsqueeze(2)).sum(dim=1)  # [B, R]: each region's total over the words
-            loss = loss + self.attention_penalty * ((1.0 - coverage) ** 2).mean()
-        return loss, real.numel()
+            coverage = (alphas * where.unsqueeze(2)).sum(dim=1)  # [B, R]: each region's total over the words
+            penalty = self.attention_penalty * ((1.0 - coverage) ** 2).mean()
+        return TeacherForced(self.output(self.dropout(hidden[where])), penalty, alphas)
 
-    def sequence_logprobs(self, features: torch.Tensor, tokens: torch.Tensor,
-                          temperature: float = 1.0) -> torch.Tensor:
-        """log p(caption | image) [B] of each row of ``tokens`` (<bos> w1 .. wn <eos>, padded),
-        <eos> included, in one teacher-forced pass; with ``temperature``, under the distribution
-        whose logits are divided by it (what ``decoding.draw`` samples from)."""
-        logits, real, mask, _ = self._real_logits(features, tokens)
-        return caption_logprobs(logits, real, mask, temperature)
-
-    @torch.no_grad()
-    def attention_maps(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The weights [B, T-1, R] the model gave the regions before predicting each of tokens[:, 1:]."""
-        return self._teacher_forced(features, tokens[:, :-1])[1]
-
-    # -- one step at a time, for decoding ------------------------------------------------
     def step(self, tokens: torch.Tensor, state: AttentionState) -> tuple[torch.Tensor, AttentionState]:
-        """Log-probabilities [B, V] of the next token after ``tokens`` [B]; the state carries this
-        step's attention weights."""
+        """The state carries this step's attention weights."""
         state = self._advance(self._word_gates(tokens), state)
-        return F.log_softmax(self.output(state.h), dim=-1), state
-
-    @staticmethod
-    def reorder_state(state: AttentionState, index: torch.Tensor) -> AttentionState:
-        """Select (and repeat) batch rows of the state, e.g. to follow beam back-pointers."""
-        return AttentionState(*(None if t is None else t.index_select(0, index) for t in state))
-
-    @torch.no_grad()
-    def generate(self, features: torch.Tensor, method: str = "greedy", **options):
-        """Decode captions for a batch of region features; see ``captioner.decoding``."""
-        from captioner.decoding import generate
-
-        return generate(self, features, method=method, **options)
+        return self.output(state.h), state
 
     @classmethod
     def from_config(cls, cfg, vocab_size: int, feature_dim: int) -> "ShowAttendTell":

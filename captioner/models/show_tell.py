@@ -9,8 +9,6 @@
   feature as the first input, so the fused cuDNN/oneDNN kernels still apply.
 - ``every_step``: the projected feature is concatenated to every word's embedding ("par-inject"
   in Tanti et al. 2018), so the image cannot fade from the state over a long caption.
-
-Decoding code talks to the model through ``init_state`` / ``step`` / ``reorder_state`` only.
 """
 from __future__ import annotations
 
@@ -18,12 +16,12 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from captioner.config import ModelConfig, at_least, between, choice
-from captioner.models import MODELS, caption_logprobs
-from captioner.vocab import PAD_ID
+from captioner.config import ModelConfig, at_least, between, choice, shaping
+from captioner.data.vocab import PAD_ID
+from captioner.models import MODELS
+from captioner.models.base import Decoder, TeacherForced
 
 INJECT_MODES = ("first_input", "init_state", "first_step_bias", "every_step")
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
@@ -32,13 +30,13 @@ CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 @dataclass
 class ShowTellConfig(ModelConfig):
     name: str = "show_tell"
-    inject: str = choice("first_input", INJECT_MODES)
-    cell: str = choice("lstm", tuple(CELLS))
-    num_layers: int = at_least(1, 1)
-    embed_dim: int = at_least(256, 1)
-    hidden_dim: int = at_least(512, 1)
+    inject: str = choice("first_input", INJECT_MODES, shapes=True)
+    cell: str = choice("lstm", tuple(CELLS), shapes=True)
+    num_layers: int = at_least(1, 1, shapes=True)
+    embed_dim: int = at_least(256, 1, shapes=True)
+    hidden_dim: int = at_least(512, 1, shapes=True)
     dropout: float = between(0.5, 0.0, 1.0)
-    tie_embeddings: bool = False  # output layer shares the word embedding (needs embed_dim == hidden_dim)
+    tie_embeddings: bool = shaping(False)  # output layer shares the word embedding (needs embed_dim == hidden_dim)
 
     @staticmethod
     def check(node) -> Optional[str]:
@@ -49,18 +47,27 @@ class ShowTellConfig(ModelConfig):
 
 
 class DecoderState(NamedTuple):
-    """Recurrent state between steps. ``hidden`` has batch in dim 1 (PyTorch's RNN layout);
-    ``image_bias`` is the image term still waiting to be added at the first word step;
-    ``image`` the projected feature read with every word (``every_step``)."""
+    """Recurrent state between steps, batch first: ``hidden`` is the RNN's [B, layers, H] (a pair
+    for an LSTM), None before the first step of the modes that inject at it; ``image_bias`` the
+    image term still waiting to be added at the first word step; ``image`` the projected feature
+    read with every word (``every_step``)."""
 
     hidden: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
     image_bias: Optional[torch.Tensor] = None
     image: Optional[torch.Tensor] = None
 
 
+def _layers_first(hidden):
+    """Batch-first state <-> PyTorch's RNN layout [layers, B, H] (a transpose is its own inverse)."""
+    if hidden is None:
+        return None
+    if isinstance(hidden, tuple):
+        return tuple(h.transpose(0, 1).contiguous() for h in hidden)
+    return hidden.transpose(0, 1).contiguous()
+
+
 @MODELS.register("show_tell", ShowTellConfig)
-class ShowTell(nn.Module):
-    reads_grid = False
+class ShowTell(Decoder):
     def __init__(
         self,
         vocab_size: int,
@@ -74,10 +81,8 @@ class ShowTell(nn.Module):
         pad_id: int = PAD_ID,
         tie_embeddings: bool = False,
     ):
-        super().__init__()
-        self.vocab_size, self.feature_dim = vocab_size, feature_dim
+        super().__init__(vocab_size, feature_dim)
         self.inject, self.cell, self.num_layers, self.hidden_dim = inject, cell, num_layers, hidden_dim
-        self.pad_id = pad_id
 
         if inject == "init_state":
             # one projection per layer for h, and another for c when the cell has one
@@ -100,96 +105,41 @@ class ShowTell(nn.Module):
             with torch.no_grad():
                 self.embed.weight[pad_id].zero_()
 
-    # -- the image step -----------------------------------------------------------------
     def init_state(self, features: torch.Tensor) -> DecoderState:
         """State ready to read <bos>: the image has been injected."""
         projected = self.image_proj(self.dropout(features))
         if self.inject == "init_state":
             states = torch.tanh(projected).view(features.size(0), -1, self.num_layers, self.hidden_dim)
-            states = states.permute(1, 2, 0, 3).contiguous()  # [n_states, layers, B, H]
-            hidden = (states[0], states[1]) if self.cell == "lstm" else states[0]
-            return DecoderState(hidden)
+            states = states.transpose(0, 1)  # [n_states, B, layers, H]
+            return DecoderState((states[0], states[1]) if self.cell == "lstm" else states[0])
         if self.inject == "first_step_bias":
             return DecoderState(None, image_bias=projected)
         if self.inject == "every_step":
             return DecoderState(None, image=projected)
         _, hidden = self.rnn(projected.unsqueeze(1))
-        return DecoderState(hidden)
+        return DecoderState(_layers_first(hidden))
 
     def _run(self, inputs: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
         if state.image_bias is not None:
             inputs = torch.cat([inputs[:, :1] + state.image_bias.unsqueeze(1), inputs[:, 1:]], dim=1)
         if state.image is not None:
             inputs = torch.cat([inputs, state.image.unsqueeze(1).expand(-1, inputs.size(1), -1)], dim=2)
-        out, hidden = self.rnn(inputs, state.hidden)
-        return out, DecoderState(hidden, image=state.image)
+        out, hidden = self.rnn(inputs, _layers_first(state.hidden))
+        return out, DecoderState(_layers_first(hidden), image=state.image)
 
-    # -- teacher forcing ----------------------------------------------------------------
-    def _outputs(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        out, _ = self._run(self.embed(tokens), self.init_state(features))
-        return out
+    def teacher_forced(self, features: torch.Tensor, tokens: torch.Tensor, where: torch.Tensor) -> TeacherForced:
+        """The real positions are gathered before dropout and the output layer (the largest
+        matmul at COCO vocabulary size), so padding costs nothing there. The recurrent net runs
+        over the batch's padded length (one fused cuDNN/oneDNN call); batches are trimmed to
+        their longest caption. At COCO size the padding left inside a mixed 8-16 word batch cost
+        a few percent of a CPU step, and packed sequences saved nothing measurable there
+        (``scripts/bench_train.py``)."""
+        out, _ = self._run(self.embed(tokens[:, :-1]), self.init_state(features))
+        return TeacherForced(self.output(self.dropout(out[where])))
 
-    def hidden_states(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Top-layer outputs [B, T, H] for inputs ``tokens`` (<bos> w1 .. wn, padded), after dropout."""
-        return self.dropout(self._outputs(features, tokens))
-
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T-1, V] predicting tokens[:, 1:] from tokens[:, :-1]."""
-        return self.output(self.hidden_states(features, tokens[:, :-1]))
-
-    def _real_logits(self, features: torch.Tensor, tokens: torch.Tensor):
-        """(logits [n, V] of the real target positions, their targets [n], the mask [B, T-1]).
-
-        The real positions are gathered first, so dropout, the output layer (the largest matmul
-        at COCO vocabulary size) and the softmax run only where the target is a real token:
-        padding costs nothing there. The recurrent net runs over the batch's padded length (one
-        fused cuDNN/oneDNN call); batches are trimmed to their longest caption. At COCO size the
-        padding left inside a mixed 8-16 word batch cost a few percent of a CPU step, and packed
-        sequences saved nothing measurable there (``scripts/bench_train.py``).
-        """
-        out = self._outputs(features, tokens[:, :-1])
-        targets = tokens[:, 1:]
-        mask = targets != self.pad_id
-        return self.output(self.dropout(out[mask])), targets[mask], mask
-
-    def loss(self, features: torch.Tensor, tokens: torch.Tensor,
-             label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
-        """Mean cross-entropy over real target tokens, and their count."""
-        logits, real, _ = self._real_logits(features, tokens)
-        loss = F.cross_entropy(logits, real, label_smoothing=label_smoothing)
-        return loss, real.numel()  # (numel: no extra reduction or sync)
-
-    def sequence_logprobs(self, features: torch.Tensor, tokens: torch.Tensor,
-                          temperature: float = 1.0) -> torch.Tensor:
-        """log p(caption | image) [B] of each row of ``tokens`` (<bos> w1 .. wn <eos>, padded),
-        <eos> included, in one teacher-forced pass; with ``temperature``, under the distribution
-        whose logits are divided by it (what ``decoding.draw`` samples from)."""
-        return caption_logprobs(*self._real_logits(features, tokens), temperature)
-
-    # -- one step at a time, for decoding ------------------------------------------------
     def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
-        """Log-probabilities [B, V] of the next token after ``tokens`` [B]."""
         out, state = self._run(self.embed(tokens).unsqueeze(1), state)
-        return F.log_softmax(self.output(out[:, 0]), dim=-1), state
-
-    @staticmethod
-    def reorder_state(state: DecoderState, index: torch.Tensor) -> DecoderState:
-        """Select (and repeat) batch rows of the state, e.g. to follow beam back-pointers."""
-        hidden = state.hidden
-        if isinstance(hidden, tuple):
-            hidden = tuple(h.index_select(1, index) for h in hidden)
-        elif hidden is not None:
-            hidden = hidden.index_select(1, index)
-        bias = None if state.image_bias is None else state.image_bias.index_select(0, index)
-        image = None if state.image is None else state.image.index_select(0, index)
-        return DecoderState(hidden, bias, image)
-
-    @torch.no_grad()
-    def generate(self, features: torch.Tensor, method: str = "greedy", **options):
-        """Decode captions for a batch of image features; see ``captioner.decoding``."""
-        from captioner.decoding import generate
-
-        return generate(self, features, method=method, **options)
+        return self.output(out[:, 0]), state
 
     @classmethod
     def from_config(cls, cfg, vocab_size: int, feature_dim: int) -> "ShowTell":

@@ -1,11 +1,17 @@
 """Cross-entropy with teacher forcing: the mean negative log-likelihood of every real caption
-token (the model's ``loss``), optionally label-smoothed."""
+token, optionally label-smoothed, plus the model's own loss terms (e.g. Show-Attend-Tell's
+attention penalty)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch.nn.functional as F
+
 from captioner.config import ObjectiveConfig, between
-from captioner.objectives import OBJECTIVES, Batch, ObjectiveOutput
+from captioner.data.batches import Batch, CaptionBatches
+from captioner.models.base import target_positions
+from captioner.objectives import OBJECTIVES
+from captioner.objectives.base import Objective, ObjectiveOutput
 
 
 @dataclass
@@ -15,7 +21,7 @@ class CrossEntropyConfig(ObjectiveConfig):
 
 
 @OBJECTIVES.register("cross_entropy", CrossEntropyConfig)
-class CrossEntropy:
+class CrossEntropy(Objective):
     def __init__(self, label_smoothing: float = 0.0):
         self.label_smoothing = label_smoothing
 
@@ -23,13 +29,16 @@ class CrossEntropy:
     def from_config(cls, cfg, context) -> "CrossEntropy":
         return cls(cfg.label_smoothing)
 
-    def batches(self, features, context, cfg):
+    def batches(self, features, context, cfg) -> CaptionBatches:
         """Every (image, caption) pair, shuffled per epoch."""
-        from captioner.engine import CaptionBatches
-
         return CaptionBatches(features, context.records, context.vocab, cfg.data.max_length, cfg.train.batch_size,
                               seed=cfg.train.seed)
 
     def __call__(self, model, batch: Batch) -> ObjectiveOutput:
-        loss, n_tokens = model.loss(batch.features, batch.tokens, self.label_smoothing)
-        return ObjectiveOutput(loss, n_tokens)
+        where = target_positions(batch.tokens)
+        out = model.teacher_forced(batch.features, batch.tokens, where)
+        targets = batch.tokens[:, 1:][where]
+        loss = F.cross_entropy(out.logits, targets, label_smoothing=self.label_smoothing)
+        if out.penalty is not None:
+            loss = loss + out.penalty
+        return ObjectiveOutput(loss, targets.numel())  # (numel: no extra reduction or sync)

@@ -25,9 +25,13 @@ import numpy as np
 import torch
 
 from captioner.config import ObjectiveConfig, above, at_least, choice
-from captioner.objectives import OBJECTIVES, Batch, ObjectiveOutput
-from captioner.tokenizer import tokenize
-from captioner.vocab import EOS_ID
+from captioner.data.batches import Batch, ImageBatches
+from captioner.data.tokenizer import tokenize
+from captioner.data.vocab import EOS_ID
+from captioner.decoding.search import as_tokens, draw, greedy
+from captioner.objectives import OBJECTIVES
+from captioner.objectives.base import Objective, ObjectiveOutput
+from captioner.objectives.rewards import CiderD, bleu4
 
 
 @dataclass
@@ -60,10 +64,8 @@ def _dropout(model: torch.nn.Module, on: bool):
 
 
 @OBJECTIVES.register("scst", ScstConfig)
-class SelfCritical:
+class SelfCritical(Objective):
     def __init__(self, cfg, vocab, records, decode_cfg):
-        from captioner.rewards import CiderD
-
         self.cfg, self.decode = cfg, decode_cfg
         self.image_ids = [r.image_id for r in records]
         self.references = reference_ids(vocab, records)
@@ -73,10 +75,8 @@ class SelfCritical:
     def from_config(cls, cfg, context) -> "SelfCritical":
         return cls(cfg, context.vocab, context.records, context.decode)
 
-    def batches(self, features, context, cfg):
+    def batches(self, features, context, cfg) -> ImageBatches:
         """Every training image once per epoch."""
-        from captioner.engine import ImageBatches
-
         return ImageBatches(features, cfg.train.batch_size, seed=cfg.train.seed)
 
     def rewards(self, image_ids: list, captions: list[list[int]]) -> np.ndarray:
@@ -84,14 +84,10 @@ class SelfCritical:
         if self.cider is not None:
             reward += self.cfg.cider_weight * self.cider.score(image_ids, captions)
         if self.cfg.bleu_weight:
-            from captioner.rewards import bleu4
-
             reward += self.cfg.bleu_weight * bleu4([self.references[i] for i in image_ids], captions)
         return reward
 
     def __call__(self, model, batch: Batch) -> ObjectiveOutput:
-        from captioner.decoding import as_tokens, draw, greedy
-
         k, steps = self.cfg.samples, self.decode.max_length + 1
         features = batch.features.repeat_interleave(k, dim=0)
         uniforms = torch.stack([torch.rand(k, steps, generator=torch.Generator().manual_seed(int(seed)))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from captioner.datasets import ImageRecord
+from captioner.data import ImageRecord
 from captioner.io import atomic_write, atomic_write_text
 
 COLORS = {

@@ -36,9 +36,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from captioner.objectives import Batch, ObjectiveOutput
+from captioner.data.batches import Batch
+from captioner.objectives.base import ObjectiveOutput
 
-log = logging.getLogger("captioner.distributed")
+log = logging.getLogger("captioner.training.distributed")
 
 # Long enough for local rank 0 to build a feature cache while the others wait at the barrier;
 # for very large data sets, extract features first (python -m captioner.extract).
@@ -174,7 +175,7 @@ def shard_batches(batches: Iterable[Batch], ctx: Dist) -> Iterator[Batch]:
     """This rank's contiguous slice of every global batch, trimmed to its own longest caption. A
     rank whose slice is empty (a last batch smaller than the world) gets an empty batch;
     ``DataParallelStep`` still takes part in the gradient all-reduce."""
-    from captioner.vocab import PAD_ID
+    from captioner.data.vocab import PAD_ID
 
     for batch in batches:
         rows = ctx.part(batch.features.size(0))
@@ -232,7 +233,7 @@ class DataParallelStep:
                                                               **self._placement())
 
     def __call__(self, batch: Batch) -> ObjectiveOutput:
-        from captioner.vocab import BOS_ID, EOS_ID
+        from captioner.data.vocab import BOS_ID, EOS_ID
 
         empty = batch.features.size(0) == 0
         if empty:  # take part in the all-reduces with a stand-in example of weight 0

@@ -12,7 +12,7 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
-from captioner.datasets import ImageRecord
+from captioner.data import ImageRecord
 
 log = logging.getLogger(__name__)
 

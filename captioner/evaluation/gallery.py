@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 
 from PIL import Image
 
-from captioner.images import BadImageError, load_image
+from captioner.data.images import BadImageError, load_image
 from captioner.io import atomic_write_text
 
 _STYLE = """
@@ -43,8 +43,8 @@ def thumbnail_data_uri(image: Image.Image, size: int = 256, quality: int = 85) -
 
 
 def word_tiles(view: Image.Image, words: Sequence[str], maps, size: int = 64) -> list[dict]:
-    """[{"word", "thumbnail"}]: each word's attention tile (``captioner.attention.tile``) as a data URI."""
-    from captioner.attention import tile
+    """[{"word", "thumbnail"}]: each word's attention tile (``captioner.evaluation.attention.tile``) as a data URI."""
+    from captioner.evaluation.attention import tile
 
     return [{"word": word, "thumbnail": thumbnail_data_uri(tile(view, weights, size), size)[0]}
             for word, weights in zip(words, maps)]

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-log = logging.getLogger("captioner.runlock")
+log = logging.getLogger("captioner.training.runlock")
 
 LOCK_NAME = "run.lock"
 

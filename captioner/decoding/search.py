@@ -1,8 +1,10 @@
 """Decoding captions from image features: greedy, sampling and batched beam search.
 
-Works through the model's one-step interface only (``init_state``, ``step``, ``reorder_state``),
-so any decoder that provides it can be decoded, and every caller (validation, ``evaluate``,
-captioning a folder) goes through ``generate``.
+Works through the decoding protocol only: ``init_state(features) -> state``,
+``next_logprobs(tokens, state) -> (log-probabilities [B, V], state)`` and
+``reorder_state(state, index)``. Every decoder has it from ``captioner.models.base.Decoder``, an
+ensemble from ``captioner.decoding.ensemble``; every caller (validation, ``evaluate``, captioning
+a folder, SCST's samples) goes through ``generate`` or the functions below.
 
 Conventions shared by every method, so their outputs compare:
 
@@ -27,8 +29,8 @@ from typing import Optional
 
 import torch
 
-from captioner.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-
+from captioner.config import decode_config
+from captioner.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 
 @dataclass
@@ -79,7 +81,7 @@ def _decode_one_path(model, features, max_length, choose, ban_unk, block_trigram
     history = torch.full((batch, max_length + 1), PAD_ID, dtype=torch.long, device=device)
     scores = None
     for t in range(max_length + 1):
-        logprobs, state = model.step(tokens, state)
+        logprobs, state = model.next_logprobs(tokens, state)
         if scores is None:
             scores = torch.zeros(batch, dtype=logprobs.dtype, device=device)
         logprobs = constrain(logprobs, history[rows, :t], max_length, ban_unk, block_trigrams)
@@ -187,7 +189,7 @@ def best_future_score(score, words: int, max_length: int, penalty) -> float | to
 @torch.no_grad()
 def beam_search(model, features: torch.Tensor, *, beam_size: int, max_length: int, length_penalty: str,
                 alpha: float, n_best: int, ban_unk: bool, block_trigrams: bool) -> DecodeOutput:
-    """Beam search over all images at once: every step is one ``model.step`` on [images * K] rows.
+    """Beam search over all images at once: every step is one ``model.next_logprobs`` on [images * K] rows.
 
     Per image, with K = ``beam_size``, at step t (the active hypotheses have t words):
 
@@ -226,7 +228,7 @@ def beam_search(model, features: torch.Tensor, *, beam_size: int, max_length: in
 
     for t in range(max_length + 1):
         n = alive.numel()
-        logprobs, state = model.step(tokens, state)
+        logprobs, state = model.next_logprobs(tokens, state)
         logprobs = constrain(logprobs, history, max_length, ban_unk, block_trigrams)
         vocab = logprobs.size(1)
         if scores is None:  # one live hypothesis per image to start: the others are empty slots
@@ -302,8 +304,6 @@ def generate(model, features: torch.Tensor, method: str = "greedy", **options) -
     ignores the others (greedy ignores beam_size, ...), so one config serves every method.
     A name that is no ``decode`` field at all is an error rather than silently ignored.
     """
-    from captioner.config import decode_config
-
     cfg = decode_config(options, method=method)
     common = {"max_length": cfg.max_length, "ban_unk": cfg.ban_unk, "block_trigrams": cfg.block_trigrams}
     if cfg.method == "greedy":

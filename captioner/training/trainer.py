@@ -4,7 +4,9 @@ the epochs. No Hydra inside: tests compose the real config and call ``train`` di
 
 Raises ``captioner.runtime.Interrupted`` after saving ``last.pt`` when SIGINT/SIGTERM arrives,
 and FloatingPointError when the loss stops being finite (``last.pt`` keeps the last good step).
-Under torchrun each process trains one data-parallel rank (``captioner.distributed``).
+``last.pt`` is written at the end of every epoch before validation, so an error while decoding
+the validation split loses no training.
+Under torchrun each process trains one data-parallel rank (``captioner.training.distributed``).
 """
 from __future__ import annotations
 
@@ -20,25 +22,29 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from captioner import distributed
-from captioner.board import Board
-from captioner.checkpoint import (BEST, LAST, TrainState, load_checkpoint, load_weights, resolve_resume,
-                                  restore_training, rng_state, save_checkpoint, training_checkpoint)
+from captioner.training import distributed
+from captioner.training.board import Board
+from captioner.training.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
+from captioner.training.resume import (TrainState, load_weights, resolve_resume, restore_training,
+                                       training_checkpoint)
+from captioner.training.rng import rng_state
 from captioner.config import validate
-from captioner.datasets import drop_empty_captions, load_records
-from captioner.ema import WeightAverage
-from captioner.encoders import run_encoder
-from captioner.engine import CaptionBatches, evaluate, train_one_epoch
-from captioner.features import all_split_features, extraction_options, feature_cache_dir
-from captioner.finetune import EncoderFineTuning
-from captioner.history import plot_history, write_metrics
+from captioner.data import drop_empty_captions, load_records
+from captioner.training.ema import WeightAverage
+from captioner.encoding.encoders import run_encoder
+from captioner.data.batches import CaptionBatches
+from captioner.evaluation.loop import evaluate
+from captioner.training.engine import train_one_epoch
+from captioner.encoding.features import all_split_features, extraction_options, feature_cache_dir
+from captioner.encoding.finetune import EncoderFineTuning
+from captioner.training.history import plot_history, write_metrics
 from captioner.models import build_model
 from captioner.objectives import ObjectiveContext, build_objective
-from captioner.optim import build_optimizer, build_scheduler
-from captioner.precision import Precision, compile_loss
-from captioner.runlock import RunLock
+from captioner.training.optim import build_optimizer, build_scheduler
+from captioner.training.precision import Precision, compile_loss
+from captioner.training.runlock import RunLock
 from captioner.runtime import Interrupted, StopSignals, resolve_device, seed_everything
-from captioner.vocab import Vocabulary
+from captioner.data.vocab import Vocabulary
 
 log = logging.getLogger("captioner.train")
 
@@ -258,6 +264,8 @@ def fit(run: Run, stop: StopSignals) -> dict[str, Any]:
                                     progress=bar, on_step=on_step, precision=run.precision, encode=encode,
                                     compute=run.compute)
             train_loss = state.loss_sum / max(state.weight, 1)
+            if run.saved_step != state.step:  # the epoch's training is kept whatever validation does
+                run.save([LAST])
             val_features = run.finetune.features(run.val_records) if run.finetuning() else run.val_features
             scores, results = evaluate(run.eval_model, val_features, run.val_records, run.vocab, cfg.decode,
                                        run.device, metrics=("bleu", "cider"), shards=ctx if ctx.enabled else None)

@@ -14,7 +14,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from captioner.datasets import ImageRecord
+from captioner.data import ImageRecord
 
 log = logging.getLogger(__name__)
 

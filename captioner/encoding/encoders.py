@@ -29,7 +29,7 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms as T
 
-log = logging.getLogger("captioner.encoders")
+log = logging.getLogger("captioner.encoding.encoders")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -159,7 +159,7 @@ def fast_forward(encoder: Encoder, device: torch.device | str, batch_size: int, 
     through ``torch.compile``. A compiled network sees every batch at ``batch_size`` (a short last
     batch is padded) so it is compiled once; without a C++ compiler, or if compiling fails, it
     warns once and runs eagerly. Call under ``torch.inference_mode()``."""
-    from captioner.precision import has_cxx_compiler, inference_dtype
+    from captioner.training.precision import has_cxx_compiler, inference_dtype
 
     device = torch.device(device)
     dtype = inference_dtype(precision, device)

@@ -7,7 +7,7 @@ its ``COCOEvalCap`` feeds them: both sides tokenized by the PTB tokenizer, BLEU 
 scored. All values are on the toolkit's 0-1 scale (papers usually print them x100).
 
 The tokenizer is the toolkit's Java one (``tokenizer="java"``) or its pure-Python port in
-``captioner.tokenizer`` (``"python"``), which gives the same token lists without starting Java.
+``captioner.data.tokenizer`` (``"python"``), which gives the same token lists without starting Java.
 METEOR (and SPICE) run in Java; without Java their value is None, "unavailable", never 0.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice import spice as _spice_module
 from pycocoevalcap.tokenizer import ptbtokenizer
 
-from captioner.tokenizer import PUNCTUATIONS, as_line, tokenize_lines
+from captioner.data.tokenizer import PUNCTUATIONS, as_line, tokenize_lines
 
 __all__ = ["METRICS", "score_captions", "image_scores", "score_results_file", "format_scores", "java_available"]
 

@@ -1,7 +1,7 @@
 """Several trained decoders that caption as one: each step averages their word probabilities.
 
-An ``Ensemble`` offers the one-step interface every decoding method uses (``init_state``,
-``step``, ``reorder_state``), so greedy, sampling and beam search decode it unchanged. The
+An ``Ensemble`` offers the decoding protocol every decoding method uses (``init_state``,
+``next_logprobs``, ``reorder_state``), so greedy, sampling and beam search decode it unchanged. The
 members must share the vocabulary and read the same image features (same encoder); they may
 differ in seed, size or injection mode. Averaging probabilities (not log-probabilities) is the
 usual choice for captioning ensembles (Vinyals et al. 2015): a word one member rules out is not
@@ -14,6 +14,8 @@ from typing import Sequence
 
 import torch
 from torch import nn
+
+from captioner.decoding.search import DecodeOutput, generate
 
 
 class Ensemble(nn.Module):
@@ -32,13 +34,14 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.vocab_size, self.feature_dim = vocab_sizes.pop(), feature_dims.pop()
         self.reads_grid = members[0].reads_grid
+        self.attends = False  # the members' maps are not one model's
 
     def init_state(self, features: torch.Tensor) -> tuple:
         return tuple(m.init_state(features) for m in self.members)
 
-    def step(self, tokens: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
+    def next_logprobs(self, tokens: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
         """log of the members' mean probability of the next token, [B, V]."""
-        logprobs, states = zip(*(m.step(tokens, s) for m, s in zip(self.members, state)))
+        logprobs, states = zip(*(m.next_logprobs(tokens, s) for m, s in zip(self.members, state)))
         mean = torch.logsumexp(torch.stack(logprobs), dim=0) - math.log(len(self.members))
         return mean, tuple(states)
 
@@ -46,7 +49,5 @@ class Ensemble(nn.Module):
         return tuple(m.reorder_state(s, index) for m, s in zip(self.members, state))
 
     @torch.no_grad()
-    def generate(self, features: torch.Tensor, method: str = "greedy", **options):
-        from captioner.decoding import generate
-
+    def generate(self, features: torch.Tensor, method: str = "greedy", **options) -> DecodeOutput:
         return generate(self, features, method=method, **options)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-log = logging.getLogger("captioner.datasets")
+log = logging.getLogger("captioner.data")
 
 
 @dataclass
@@ -30,29 +30,29 @@ def load_records(data_cfg) -> dict[str, list[ImageRecord]]:
         return None if p is None else str(root / p)
 
     if data_cfg.name == "shapes":
-        from captioner.datasets.shapes import load_shapes
+        from captioner.data.shapes import load_shapes
 
         return load_shapes(str(root), data_cfg.num_train, data_cfg.num_val, data_cfg.num_test,
                            data_cfg.image_size, data_cfg.seed)
     if data_cfg.name == "flickr8k":
-        from captioner.datasets.flickr8k import load_flickr8k
+        from captioner.data.flickr8k import load_flickr8k
 
         kwargs = {k: v for k, v in (("token_file", data_cfg.token_file), ("image_dir", data_cfg.image_dir)) if v}
         return load_flickr8k(str(root), karpathy_json=under_root(data_cfg.karpathy_json), **kwargs)
     if data_cfg.name == "coco_karpathy":
-        from captioner.datasets.coco import load_coco_karpathy
+        from captioner.data.coco import load_coco_karpathy
 
         return load_coco_karpathy(under_root(data_cfg.karpathy_json), under_root(data_cfg.image_dir or "."),
                                   use_restval=data_cfg.use_restval)
     if data_cfg.name == "coco_captions":
-        from captioner.datasets.coco import load_coco_captions
+        from captioner.data.coco import load_coco_captions
 
         ann = root / (data_cfg.annotations or "annotations")
         return load_coco_captions([str(ann / "captions_train2014.json"), str(ann / "captions_val2014.json")],
                                   [str(root / "train2014"), str(root / "val2014")],
                                   split_file=under_root(data_cfg.karpathy_json), use_restval=data_cfg.use_restval)
     if data_cfg.name == "coco_format":
-        from captioner.datasets.coco import load_coco_format
+        from captioner.data.coco import load_coco_format
 
         return load_coco_format(under_root(data_cfg.annotations), under_root(data_cfg.image_dir or "."),
                                 split_file=under_root(data_cfg.split_file), holdout=data_cfg.holdout,
@@ -63,7 +63,7 @@ def load_records(data_cfg) -> dict[str, list[ImageRecord]]:
 def drop_empty_captions(records: dict[str, list[ImageRecord]]) -> dict[str, list[ImageRecord]]:
     """Captions with no words (empty, blank, punctuation only) are dropped, counted in a warning;
     so are images left with none (nothing to learn from or score against)."""
-    from captioner.tokenizer import tokenize
+    from captioner.data.tokenizer import tokenize
 
     cleaned = {}
     for split, recs in records.items():

@@ -3,16 +3,18 @@ features; from it on, on images, with the encoder unfrozen in its own parameter 
 statistics kept: fine-tuning batches are small)."""
 from __future__ import annotations
 
-import itertools
 import logging
 from typing import Iterator
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
-from captioner.objectives import Batch
+from captioner.data.batches import Batch, CaptionBatches
+from captioner.data.images import BadImageError
+from captioner.encoding.features import ImageFiles, collate, compute_features, extraction_options, image_workers
 
-log = logging.getLogger("captioner.finetune")
+log = logging.getLogger("captioner.encoding.finetune")
 
 
 class EncoderFineTuning:
@@ -32,15 +34,26 @@ class EncoderFineTuning:
         """How many of the next steps still read cached features."""
         return max(0, self.after - step)
 
-    def image_batches(self, batches, epoch: int, records, start: int, steps_left: int = 0) -> Iterator[Batch]:
-        """The rest of ``epoch`` from batch ``start`` as images, the encoder unfrozen."""
+    def image_batches(self, batches: CaptionBatches, epoch: int, records, start: int,
+                      steps_left: int = 0) -> Iterator[Batch]:
+        """The rest of ``epoch`` from batch ``start``, the batches ``batches`` gives with each pair's
+        image instead of its feature: uint8 images [B, 3, H, W] as the encoder crops them, read in
+        DataLoader workers (``encoder.normalize`` finishes them in the step); the encoder unfrozen."""
         if self.encoder.frozen:
             self.encoder.unfreeze().train()
             log.info("fine-tuning the encoder from here on (encoder.finetune_lr=%g)", self.lr)
-        from captioner.features import image_workers
-
-        images = batches.epoch_images(epoch, records, self.encoder, start=start, num_workers=image_workers(self.cfg))
-        return itertools.islice(images, steps_left) if steps_left else images
+        rows_and_tokens = list(batches.epoch_rows(epoch, start))
+        if steps_left:
+            rows_and_tokens = rows_and_tokens[:steps_left]
+        # A private generator: worker seeds must not draw from (and shift) the global RNG.
+        loader = DataLoader(ImageFiles([r.path for r in records], self.encoder.crop),
+                            batch_sampler=[rows.tolist() for rows, _ in rows_and_tokens],
+                            num_workers=image_workers(self.cfg), collate_fn=collate,
+                            generator=torch.Generator().manual_seed(0))
+        for (_, images, bad), (rows, tokens) in zip(loader, rows_and_tokens):
+            if bad:
+                raise BadImageError(bad[0][1])
+            yield Batch(images, tokens, rows)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder(self.encoder.normalize(images))
@@ -48,7 +61,5 @@ class EncoderFineTuning:
     def features(self, records) -> np.ndarray:
         """Features of ``records`` from the encoder as it is now (the cache describes the original).
         Eager: a compiled graph would be rebuilt at every validation, costing more than it saves."""
-        from captioner.features import compute_features, extraction_options
-
         return compute_features(self.encoder, records, device=self.device,
                                 **{**extraction_options(self.cfg), "compile": False})

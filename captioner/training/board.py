@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
-log = logging.getLogger("captioner.board")
+log = logging.getLogger("captioner.training.board")
 
 CAPTIONS_SHOWN = 5  # validation images whose captions are logged each epoch
 

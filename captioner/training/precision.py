@@ -54,7 +54,7 @@ def _autocast_works(device_type: str, dtype: torch.dtype) -> bool:
 class Precision:
     """Autocast and (for fp16) loss scaling around one training step.
 
-    ``train_one_epoch`` runs ``with precision.autocast(): loss = model.loss(...)``, then
+    ``train_one_epoch`` runs ``with precision.autocast(): out = objective(model, batch)``, then
     ``precision.backward(loss)`` and ``precision.step(optimizer, parameters, grad_clip)``.
     With ``fp32`` these are plain ``loss.backward()``, clipping and ``optimizer.step()``.
     """
@@ -148,10 +148,11 @@ def has_cxx_compiler() -> bool:
 
 
 def compile_loss(model: torch.nn.Module, device: torch.device | str = "cpu", **options):
-    """Compile ``model.loss`` in place (an instance attribute over the method) and return the
+    """Compile ``model.teacher_forced`` in place (an instance attribute over the method: the
+    teacher-forced pass every objective's loss goes through) and return the
     model. The first steps are slow (compiling; again for a new caption length until dynamo
     marks the length dynamic); later ones run the compiled graphs."""
     if torch.device(device).type == "cpu" and not has_cxx_compiler():
         raise ValueError("train.compile=true on CPU needs a C++ compiler (g++ or clang++, or set CXX)")
-    model.loss = torch.compile(model.loss, **options)
+    model.teacher_forced = torch.compile(model.teacher_forced, **options)
     return model

@@ -4,7 +4,7 @@ One self-contained HTML file (thumbnails as data URIs, inline style and script):
 scores on top, then every image with its caption, its references and its own CIDEr-D and BLEU-4
 (``metrics.image_scores``, the toolkit's arithmetic), worst CIDEr-D first; a filter box keeps the
 images whose caption or references contain every word typed. For an attention decoder each image
-also shows its attention strip (``captioner.attention.strip``).
+also shows its attention strip (``captioner.evaluation.attention.strip``).
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Callable, Mapping, Optional, Sequence
 
 from PIL import Image
 
-from captioner.gallery import thumbnail_data_uri
-from captioner.images import BadImageError, load_image
+from captioner.evaluation.gallery import thumbnail_data_uri
+from captioner.data.images import BadImageError, load_image
 from captioner.io import atomic_write_text
 
 _STYLE = """
@@ -78,7 +78,7 @@ def write_error_page(path: str | Path, results: Sequence[dict], records: Sequenc
     """Write the page for ``results`` ({"image_id", "caption", and for an attention decoder
     "words" and "attention"}) of ``records`` (same order), with ``per_image`` scores by image id,
     atomically. An image that cannot be read again shows without its thumbnail."""
-    from captioner.attention import strip
+    from captioner.evaluation.attention import strip
 
     items = []
     for result, record in zip(results, records):

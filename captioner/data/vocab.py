@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Iterable, Sequence
 
 from captioner.io import atomic_write_text
-from captioner.tokenizer import tokenize
+from captioner.data.tokenizer import tokenize
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)  # <pad> is index 0: embeddings and the loss ignore it

@@ -27,12 +27,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from captioner.datasets import ImageRecord
-from captioner.distributed import Dist
-from captioner.images import BadImageError, load_image
+from captioner.data import ImageRecord
+from captioner.training.distributed import Dist
+from captioner.data.images import BadImageError, load_image
 from captioner.io import atomic_path, atomic_write_text
 
-log = logging.getLogger("captioner.features")
+log = logging.getLogger("captioner.encoding.features")
 
 FORMAT_VERSION = 1  # bump when the cache layout or the extraction changes, to rebuild old caches
 SAVE_EVERY_S = 10.0  # how often an extraction records its progress for resuming
@@ -92,7 +92,7 @@ def encode_images(encoder, paths: Sequence[str], batch_size: int = 32, num_worke
     None, [(index, error)] of the unreadable images) per batch. Decoding runs in ``num_workers``
     DataLoader workers, overlapping with the CNN; the CNN runs as ``encoders.fast_forward`` makes
     it (channels_last, ``precision``, ``compile``)."""
-    from captioner.encoders import fast_forward
+    from captioner.encoding.encoders import fast_forward
 
     device = torch.device(device)
     # A private generator: the loader's worker seeds must not draw from (and shift) the global RNG.

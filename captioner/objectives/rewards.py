@@ -1,7 +1,7 @@
 """Per-caption CIDEr-D rewards for self-critical training, vectorized and exact to the toolkit.
 
 ``CiderD(corpus).score(image_ids, candidates)`` gives every candidate caption the CIDEr-D that
-pycocoevalcap's ``CiderScorer`` (the scorer behind ``captioner.metrics``' CIDEr) would give it,
+pycocoevalcap's ``CiderScorer`` (the scorer behind ``captioner.evaluation.metrics``' CIDEr) would give it,
 to floating-point rounding: 1- to 4-grams, tf-idf vectors with raw n-gram counts as term
 frequencies and ``log(N) - log(max(1, df))`` as idf, the clipped similarity
 ``min(v_hyp, v_ref) * v_ref`` over the norms, the Gaussian length penalty with sigma 6, the mean
@@ -360,7 +360,7 @@ class CiderD:
 def bleu4(references: Sequence[Sequence[Caption]], candidates: Sequence[Caption]) -> np.ndarray:
     """The toolkit's per-caption BLEU-4 of ``candidates[i]`` against ``references[i]`` (token
     lists), float64: pycocoevalcap's ``BleuScorer`` with its "closest" reference length, the
-    per-sentence scores ``captioner.metrics`` sums into the corpus BLEU. Plain Python: an optional
+    per-sentence scores ``captioner.evaluation.metrics`` sums into the corpus BLEU. Plain Python: an optional
     term of the SCST reward, not its fast path."""
     from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 
