@@ -39,8 +39,7 @@ class FocalLoss(Objective):
 
     def batches(self, features, context, cfg) -> CaptionBatches:
         """Every (image, caption) pair once per epoch, in an order fixed by (train.seed, epoch)."""
-        return CaptionBatches(features, context.records, context.vocab, cfg.data.max_length, cfg.train.batch_size,
-                              seed=cfg.train.seed)
+        return CaptionBatches.of_run(features, context, cfg)
 
     def __call__(self, model, batch: Batch) -> ObjectiveOutput:
         where = target_positions(batch.tokens)  # the real target tokens, not padding

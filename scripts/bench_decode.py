@@ -12,7 +12,7 @@ do the same work. The per-image row calls the very same ``beam_search`` with one
 time (the loop the batched search replaces), so the ratio is the gain from batching alone.
 
 The plain loop (``plain_greedy``, written here) is what greedy decoding is without its features:
-``model.step`` and argmax for max_length + 1 steps over the whole batch, no <unk> ban or trigram
+``model.next_logprobs`` and argmax for max_length + 1 steps over the whole batch, no <unk> ban or trigram
 blocking, no early stop. captioner's greedy is timed against it twice: on the random model
 (nothing ends early: the cost of its bookkeeping alone) and on the same model with the <eos>
 logit raised until greedy captions average ``--words`` words, as a trained model's do (there

@@ -74,7 +74,7 @@ def child(args) -> list[dict]:
     from captioner.models.show_tell import ShowTellConfig
     from captioner.data import ImageRecord
     from captioner.data.batches import CaptionBatches
-from captioner.training.engine import train_one_epoch
+    from captioner.training.engine import train_one_epoch
     from captioner.encoding.features import open_cache
     from captioner.models import build_model
     from captioner.data.vocab import SPECIALS, Vocabulary

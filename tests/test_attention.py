@@ -150,3 +150,32 @@ def test_tiny_attention_run_trains_captions_and_takes_scst(tiny_cfg, tmp_path):
     scst = tiny_cfg(*small, "objective=scst", "train.epochs=1", f"train.init_from={cfg.train.out_dir}/best.pt",
                     f"train.out_dir={tmp_path / 'scst'}", "train.monitor=CIDEr")
     assert "train/reward" in train(scst)
+
+
+def test_a_checkpoint_with_the_old_score_bias_loads_and_attends_the_same():
+    """The score layer lost its bias (a softmax does not see a shift: that bias had an exactly
+    zero gradient and never learned). Weights saved with one load, and give the same attention."""
+    model, feats, tokens = make_model(), regions(), captions()
+    state = {**model.state_dict(), "score.bias": torch.tensor([0.7], dtype=torch.float64)}
+    again = make_model(seed=5)
+    again.load_state_dict(state)
+    torch.testing.assert_close(again.attention_maps(feats, tokens), model.attention_maps(feats, tokens))
+
+
+def test_init_from_a_checkpoint_of_another_attention_size_names_the_key(tiny_cfg, tmp_path):
+    """Shape keys come from each model's schema (shapes=True), so the one-line refusal names
+    model.attention_dim and both values, not a state-dict size mismatch."""
+    from captioner.training.checkpoint import CheckpointError
+    from captioner.training.trainer import train
+
+    small = ["model=show_attend_tell", "model.embed_dim=16", "model.hidden_dim=24", "train.epochs=1"]
+    first = tiny_cfg(*small, "model.attention_dim=8")
+    train(first)
+    other = tiny_cfg(*small, "model.attention_dim=12", f"train.init_from={first.train.out_dir}/best.pt",
+                     f"train.out_dir={tmp_path / 'other'}")
+    with pytest.raises(CheckpointError, match=r"another model shape \(model.attention_dim=8 there, 12 here\)"):
+        train(other)
+    show_tell = tiny_cfg("train.epochs=1", f"train.init_from={first.train.out_dir}/best.pt",
+                         f"train.out_dir={tmp_path / 'show_tell'}", "model=show_tell")
+    with pytest.raises(CheckpointError, match=r"holds another decoder \(model.name=show_attend_tell there, show_tell"):
+        train(show_tell)

@@ -154,7 +154,7 @@ def test_a_decoder_that_lacks_a_method_fails_when_it_registers():
         def from_config(cls, cfg, vocab_size, feature_dim):
             return cls(vocab_size, feature_dim)
 
-    with pytest.raises(ContractError, match=r"^model 'broken': NoStep lacks step \(the decoder contract"):
+    with pytest.raises(ContractError, match=r"^model 'broken': NoStep lacks step \(the model contract: captioner/models/base.py\)$"):
         MODELS.register("broken", BrokenConfig)(NoStep)
     with pytest.raises(ContractError, match="must subclass captioner.models.base.Decoder"):
         MODELS.register("broken", BrokenConfig)(torch.nn.Module)
@@ -171,7 +171,7 @@ def test_an_objective_that_lacks_a_method_fails_when_it_registers():
         def from_config(cls, cfg, context):
             return cls()
 
-    with pytest.raises(ContractError, match=r"^objective 'no_call': NoCall lacks batches, __call__ \(the objective"):
+    with pytest.raises(ContractError, match=r"^objective 'no_call': NoCall lacks batches, __call__ \(the objective contract"):
         OBJECTIVES.register("no_call", NoCallConfig)(NoCall)
     assert "no_call" not in OBJECTIVES.names()
 

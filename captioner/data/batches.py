@@ -60,6 +60,13 @@ class CaptionBatches:
         self.features = features
         self.batch_size, self.seed = batch_size, seed
 
+    @classmethod
+    def of_run(cls, features: np.ndarray, context, cfg) -> "CaptionBatches":
+        """A run's batches: its training split (``context``: an ``ObjectiveContext``) in batches of
+        ``train.batch_size`` ordered by ``train.seed``, captions cut at ``data.max_length``."""
+        return cls(features, context.records, context.vocab, cfg.data.max_length, cfg.train.batch_size,
+                   seed=cfg.train.seed)
+
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.batch_size)
 
@@ -82,6 +89,12 @@ class ImageBatches:
 
     def __init__(self, features: np.ndarray, batch_size: int, seed: int = 0):
         self.features, self.batch_size, self.seed = features, batch_size, seed
+
+    @classmethod
+    def of_run(cls, features: np.ndarray, context, cfg) -> "ImageBatches":
+        """A run's batches: its training images in batches of ``train.batch_size`` ordered by
+        ``train.seed``."""
+        return cls(features, cfg.train.batch_size, seed=cfg.train.seed)
 
     def __len__(self) -> int:
         return math.ceil(len(self.features) / self.batch_size)

@@ -12,10 +12,10 @@ import dataclasses
 
 from torch import nn
 
-from captioner.models.base import check_decoder
+from captioner.models.base import REQUIRED, Decoder
 from captioner.registry import Registry
 
-MODELS = Registry("model", __name__, contract=check_decoder)
+MODELS = Registry("model", __name__, Decoder, REQUIRED, "captioner/models/base.py")
 
 
 def _model_class(model_cfg) -> type:

@@ -20,8 +20,8 @@ Everything else is shared and implemented here: ``next_logprobs`` and ``reorder_
 decoding protocol of ``captioner.decoding``), ``generate``, ``sequence_logprobs`` (for SCST),
 ``attention_maps`` (for a class that declares ``attends``) and ``forward``. Objectives reach the
 per-token logits and the model's own loss terms through ``teacher_forced``. A class that lacks one
-of the four, or does not subclass ``Decoder``, fails when it registers (``check_decoder``), before
-any data or training work.
+of the four, or does not subclass ``Decoder``, fails when it registers (``captioner.registry``),
+before any data or training work.
 """
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ from torch import nn
 
 from captioner.data.vocab import PAD_ID
 from captioner.decoding.search import DecodeOutput, generate
-from captioner.registry import ContractError, undefined
 
 
 class TeacherForced(NamedTuple):
@@ -132,15 +131,4 @@ class Decoder(nn.Module):
         return self.teacher_forced(features, tokens, nowhere).attention
 
 
-REQUIRED = ("init_state", "step", "teacher_forced", "from_config")
-
-
-def check_decoder(name: str, cls: type) -> None:
-    """ContractError naming what ``cls`` lacks to be registered as decoder ``name``."""
-    if not (isinstance(cls, type) and issubclass(cls, Decoder)):
-        raise ContractError(f"model {name!r}: {getattr(cls, '__name__', cls)} must subclass "
-                            "captioner.models.base.Decoder")
-    missing = undefined(cls, Decoder, REQUIRED)
-    if missing:
-        raise ContractError(f"model {name!r}: {cls.__name__} lacks {', '.join(missing)} "
-                            "(the decoder contract: captioner/models/base.py)")
+REQUIRED = ("init_state", "step", "teacher_forced", "from_config")  # what each decoder writes

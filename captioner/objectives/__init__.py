@@ -8,10 +8,10 @@ config file; the training loop never knows which one it runs (self-critical.pyto
 """
 from __future__ import annotations
 
-from captioner.objectives.base import ObjectiveContext, check_objective
+from captioner.objectives.base import REQUIRED, Objective, ObjectiveContext
 from captioner.registry import Registry
 
-OBJECTIVES = Registry("objective", __name__, contract=check_objective)
+OBJECTIVES = Registry("objective", __name__, Objective, REQUIRED, "captioner/objectives/base.py")
 
 
 def build_objective(objective_cfg, context: ObjectiveContext):

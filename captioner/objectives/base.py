@@ -21,7 +21,7 @@ It writes three things, and the trainer calls them in this order:
   inside DDP's forward (``captioner.training.distributed``), and the ranks combine the means by
   their weights exactly.
 
-A class that lacks one of the three fails when it registers (``check_objective``).
+A class that lacks one of the three fails when it registers (``captioner.registry``).
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ from typing import Any, Sequence
 
 import torch
 
-from captioner.registry import ContractError, undefined
 
 
 @dataclass
@@ -65,15 +64,4 @@ class Objective:
         raise NotImplementedError
 
 
-REQUIRED = ("from_config", "batches", "__call__")
-
-
-def check_objective(name: str, cls: type) -> None:
-    """ContractError naming what ``cls`` lacks to be registered as objective ``name``."""
-    if not (isinstance(cls, type) and issubclass(cls, Objective)):
-        raise ContractError(f"objective {name!r}: {getattr(cls, '__name__', cls)} must subclass "
-                            "captioner.objectives.base.Objective")
-    missing = undefined(cls, Objective, REQUIRED)
-    if missing:
-        raise ContractError(f"objective {name!r}: {cls.__name__} lacks {', '.join(missing)} "
-                            "(the objective contract: captioner/objectives/base.py)")
+REQUIRED = ("from_config", "batches", "__call__")  # what each objective writes

@@ -31,8 +31,7 @@ class CrossEntropy(Objective):
 
     def batches(self, features, context, cfg) -> CaptionBatches:
         """Every (image, caption) pair, shuffled per epoch."""
-        return CaptionBatches(features, context.records, context.vocab, cfg.data.max_length, cfg.train.batch_size,
-                              seed=cfg.train.seed)
+        return CaptionBatches.of_run(features, context, cfg)
 
     def __call__(self, model, batch: Batch) -> ObjectiveOutput:
         where = target_positions(batch.tokens)

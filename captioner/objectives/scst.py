@@ -77,7 +77,7 @@ class SelfCritical(Objective):
 
     def batches(self, features, context, cfg) -> ImageBatches:
         """Every training image once per epoch."""
-        return ImageBatches(features, cfg.train.batch_size, seed=cfg.train.seed)
+        return ImageBatches.of_run(features, context, cfg)
 
     def rewards(self, image_ids: list, captions: list[list[int]]) -> np.ndarray:
         reward = np.zeros(len(captions))
