@@ -154,7 +154,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(
 
     def save(obj, f, *args, **kwargs):
         saves.append(f.name)
-        if len(saves) > 2:  # epoch 1's last.pt and best.pt fit; epoch 2's last.pt does not
+        if len(saves) > 3:  # epoch 1's last.pt (before and after validation) and best.pt fit; epoch 2's does not
             f.write(b"half a checkpoint")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_save(obj, f, *args, **kwargs)
