@@ -6,6 +6,7 @@ import random
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,28 +91,124 @@ def test_a_sampled_unk_earns_nothing_from_rare_reference_words():
     assert unk == pytest.approx(dog) and exact > unk
 
 
-def test_the_mean_baseline_gives_each_image_a_zero_mean_advantage(monkeypatch):
-    from captioner.objectives.scst import ScstConfig, SelfCritical
-    from captioner.data import ImageRecord
-    from captioner.data.vocab import Vocabulary
+def _objective(samples=3, **options):
+    """SCST on two images with hand-written references, and a small random model."""
     from omegaconf import OmegaConf
 
-    records = [ImageRecord(i, f"{i}.png", [f"a {c} square", f"the {c} square"]) for i, c in enumerate(["red", "blue"])]
+    from captioner.data import ImageRecord
+    from captioner.data.vocab import Vocabulary
+    from captioner.objectives.scst import ScstConfig, SelfCritical
+
+    records = [ImageRecord(i, f"{i}.png", [f"a {c} square on the left", f"the {c} square"])
+               for i, c in enumerate(["red", "blue"])]
     vocab = Vocabulary.build([c for r in records for c in r.captions], min_count=1)
-    cfg = OmegaConf.structured(ScstConfig(samples=3))
-    objective = SelfCritical(cfg, vocab, records, compose_config("train").decode)
+    objective = SelfCritical(OmegaConf.structured(ScstConfig(samples=samples, **options)), vocab, records,
+                             compose_config("train", ["decode.max_length=6"]).decode)
     torch.manual_seed(0)
-    model = ShowTell(len(vocab), D, embed_dim=8, hidden_dim=12, dropout=0.0)
+    model = ShowTell(len(vocab), D, embed_dim=8, hidden_dim=12, dropout=0.5)
     batch = Batch(torch.randn(2, D), torch.zeros(2, 1, dtype=torch.long), torch.tensor([0, 1]), torch.tensor([5, 6]))
-    seen = {}
-    real_rewards = objective.rewards
-    monkeypatch.setattr(objective, "rewards", lambda ids, caps: seen.setdefault("r", real_rewards(ids, caps)))
+    return objective, model, batch, vocab
+
+
+def test_the_mean_baseline_is_the_mean_of_the_same_images_other_samples():
+    from captioner.objectives.scst import mean_of_others
+
+    reward = np.array([[1.0, 2.0, 3.0], [10.0, 0.0, 5.0]])
+    np.testing.assert_array_equal(mean_of_others(reward), [[2.5, 2.0, 1.5], [2.5, 7.5, 5.0]])
+
+
+def test_samples_are_grouped_by_their_own_image(monkeypatch):
+    """Each image's samples tie (1 for image 0's, 5 for image 1's): every advantage is 0, so the
+    loss and its gradient are exactly 0. A batch-wide baseline, or samples grouped across
+    images, would give +-2 advantages."""
+    objective, model, batch, _ = _objective()
+    by_image = {0: 1.0, 1: 5.0}
+    monkeypatch.setattr(objective, "rewards", lambda ids, caps: np.array([by_image[i] for i in ids]))
     out = objective(model, batch)
-    assert out.weight == 6 and out.loss.requires_grad
-    reward = seen["r"].reshape(2, 3)
-    assert out.figures["reward"] == pytest.approx(reward.mean()) == pytest.approx(out.figures["baseline"])
+    assert out.weight == 6 and out.figures["reward"] == 3.0 and float(out.loss.detach()) == 0.0
     out.loss.backward()
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert all(float(p.grad.abs().max()) == 0.0 for p in model.parameters() if p.grad is not None)
+
+
+def test_samples_reach_the_reward_without_eos_and_cider_counts_the_vocabularys_eos(monkeypatch):
+    objective, model, batch, _ = _objective()
+    assert objective.cider.include_eos and objective.cider.eos == EOS_ID
+    seen = []
+    real = objective.rewards
+    monkeypatch.setattr(objective, "rewards", lambda ids, caps: seen.extend(caps) or real(ids, caps))
+    objective(model, batch)
+    assert len(seen) == 6 and not any(EOS_ID in c or PAD_ID in c or BOS_ID in c for c in seen)
+    plain, _, _, _ = _objective(include_eos=False)
+    assert not plain.cider.include_eos
+
+
+def test_the_reward_weights_cider_and_bleu():
+    """cider_weight x CIDEr-D + bleu_weight x the toolkit's per-caption BLEU-4."""
+    from captioner.objectives.rewards import bleu4
+
+    cider_only, _, _, vocab = _objective()
+    both, _, _, _ = _objective(cider_weight=1.0, bleu_weight=0.5)
+    bleu_only, _, _, _ = _objective(cider_weight=0.0, bleu_weight=1.0)
+    exact = [vocab.stoi[w] for w in "a red square on the left".split()]
+    partial = [vocab.stoi[w] for w in "a blue square on the".split()]
+    ids, captions = [0, 0], [exact, partial]
+    assert bleu_only.cider is None
+    np.testing.assert_allclose(bleu_only.rewards(ids, captions), bleu4([both.references[0]] * 2, captions))
+    assert bleu_only.rewards(ids, captions)[0] == pytest.approx(1.0)  # a reference itself
+    np.testing.assert_allclose(both.rewards(ids, captions),
+                               cider_only.rewards(ids, captions) + 0.5 * bleu_only.rewards(ids, captions))
+
+
+def test_the_greedy_baseline_decodes_without_dropout(monkeypatch):
+    """With objective.dropout=true the samples see dropout, the baseline must not: the captions it
+    is computed from are the eval-mode greedy ones, however the dropout masks fall."""
+    from captioner.decoding.search import greedy
+
+    objective, model, batch, _ = _objective(baseline="greedy", dropout=True)
+    with torch.no_grad():
+        expected = greedy(model.eval(), batch.features, max_length=6, ban_unk=False, block_trigrams=False).sequences
+    baseline_captions = []
+    real = objective.rewards
+    monkeypatch.setattr(objective, "rewards", lambda ids, caps: (baseline_captions.append(caps) if len(caps) == 2
+                                                                 else None) or real(ids, caps))
+    model.train()
+    for seed in range(4):
+        torch.manual_seed(seed)  # other dropout masks
+        objective(model, batch)
+    assert baseline_captions == [expected] * 4
+    assert model.training  # the caller's mode is restored
+
+
+def test_samples_are_scored_under_the_distribution_they_were_drawn_from():
+    """draw never emits <pad> or <bos> (nor <unk> with ban_unk) and closes a full caption with
+    <eos>; sequence_logprobs with the same max_length leaves those tokens out and renormalizes,
+    so it equals the log of the probabilities each step really drew with, replayed by hand."""
+    from captioner.data.vocab import UNK_ID
+
+    torch.manual_seed(0)
+    model = ShowTell(V, D, embed_dim=8, hidden_dim=12, dropout=0.0).eval()
+    features, uniforms = torch.randn(8, D), torch.rand(8, 5, generator=torch.Generator().manual_seed(3))
+    out = draw(model, features, uniforms, max_length=4, ban_unk=True, temperature=0.7)
+    assert any(len(s) == 4 for s in out.sequences)  # some captions were closed by the length limit
+    tokens = as_tokens(out.sequences, "cpu")
+    by_hand = []
+    with torch.no_grad():
+        logits = model(features, tokens)
+    for b, seq in enumerate(out.sequences):
+        total = 0.0
+        for t, w in enumerate([*seq, EOS_ID]):
+            allowed = torch.ones(V, dtype=torch.bool)
+            allowed[[PAD_ID, BOS_ID, UNK_ID]] = False
+            if t == 4:
+                allowed[:] = False
+                allowed[EOS_ID] = True
+            probs = (logits[b, t] / 0.7).exp() * allowed
+            total += float((probs[w] / probs.sum()).log())
+        by_hand.append(total)
+    got = model.sequence_logprobs(features, tokens, temperature=0.7, max_length=4, ban_unk=True)
+    torch.testing.assert_close(got, torch.tensor(by_hand), rtol=0, atol=1e-5)
+    unrestricted = model.sequence_logprobs(features, tokens, temperature=0.7)
+    assert bool((got > unrestricted).all())  # renormalized over fewer tokens: every caption more likely
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +236,9 @@ def test_scst_from_a_cross_entropy_checkpoint_raises_val_cider(cross_entropy_run
                                            *SCST, f"train.init_from={best}", "train.epochs=10"]))
     history = rows(tmp_path / "scst")
     start_cider = load(best)["metrics"]["val/CIDEr"]  # what best.pt scored (picked on BLEU-4)
-    assert final["best/CIDEr"] > start_cider + 0.1, (start_cider, [r["val/CIDEr"] for r in history])
+    late = [r["val/CIDEr"] for r in history[-3:]]  # the run's end, not its luckiest epoch
+    assert sum(late) / 3 > start_cider + 0.1, (start_cider, [r["val/CIDEr"] for r in history])
+    assert final["best/CIDEr"] == max(r["val/CIDEr"] for r in history)
     rewards = [r["train/reward"] for r in history]
     assert rewards[-1] > rewards[0] + 0.1, rewards  # the sampled captions' mean CIDEr-D rises
     assert {"train/reward", "train/baseline", "train/sample_length"} <= set(history[0])

@@ -68,6 +68,18 @@ def constrain(logprobs: torch.Tensor, history: torch.Tensor, max_length: int,
     return logprobs
 
 
+def banned_at(words: torch.Tensor, vocab_size: int, max_length: int, ban_unk: bool = False) -> torch.Tensor:
+    """The tokens ``constrain`` bans (without trigram blocking), as a mask [n, V], for rows whose
+    captions so far have ``words`` [n] words: what a teacher-forced pass needs to score captions
+    under the very distribution decoding chose them from (``Decoder.sequence_logprobs``)."""
+    banned = torch.zeros((words.numel(), vocab_size), dtype=torch.bool, device=words.device)
+    banned[:, [PAD_ID, BOS_ID, *([UNK_ID] if ban_unk else [])]] = True
+    full = words >= max_length  # only <eos> may follow
+    banned[full] = True
+    banned[full, EOS_ID] = False
+    return banned
+
+
 # -- greedy and sampling: one token per image per step ----------------------------------------
 def _decode_one_path(model, features, max_length, choose, ban_unk, block_trigrams) -> DecodeOutput:
     """Shared loop of greedy and sampling: ``choose(logprobs, rows, t) -> tokens`` picks one token

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioner.data.vocab import PAD_ID
-from captioner.decoding.search import DecodeOutput, generate
+from captioner.decoding.search import DecodeOutput, banned_at, generate
 
 
 class TeacherForced(NamedTuple):
@@ -48,11 +48,10 @@ def target_positions(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[:, 1:] != PAD_ID
 
 
-def caption_logprobs(logits: torch.Tensor, targets: torch.Tensor, where: torch.Tensor,
-                     temperature: float = 1.0) -> torch.Tensor:
+def caption_logprobs(logits: torch.Tensor, targets: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """Sum per caption [B] of the log-probabilities of its target tokens: ``logits`` [n, V] and
     ``targets`` [n] are the positions where ``where`` [B, T-1] is true, in row-major order."""
-    token_logprobs = -F.cross_entropy(logits.float() / temperature, targets, reduction="none")
+    token_logprobs = -F.cross_entropy(logits.float(), targets, reduction="none")
     rows = torch.arange(where.size(0), device=where.device)[:, None].expand_as(where)[where]
     return torch.zeros(where.size(0), device=where.device).index_add_(0, rows, token_logprobs)
 
@@ -113,14 +112,20 @@ class Decoder(nn.Module):
         where = torch.ones_like(tokens[:, 1:], dtype=torch.bool)
         return self.teacher_forced(features, tokens, where).logits.view(*where.shape, -1)
 
-    def sequence_logprobs(self, features: torch.Tensor, tokens: torch.Tensor,
-                          temperature: float = 1.0) -> torch.Tensor:
+    def sequence_logprobs(self, features: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                          max_length: Optional[int] = None, ban_unk: bool = False) -> torch.Tensor:
         """log p(caption | image) [B] of each row of ``tokens`` (<bos> w1 .. wn <eos>, padded),
         <eos> included, in one teacher-forced pass; with ``temperature``, under the distribution
-        whose logits are divided by it (what ``decoding.search.draw`` samples from)."""
+        whose logits are divided by it. With ``max_length`` (and ``ban_unk``), under the
+        distribution ``decoding.search.draw`` samples from with those settings: the tokens it
+        never emits (<pad>, <bos>, <unk> when banned; all but <eos> once a caption is full) are
+        left out and the rest renormalized, so the policy gradient of SCST is exact."""
         where = target_positions(tokens)
-        out = self.teacher_forced(features, tokens, where)
-        return caption_logprobs(out.logits, tokens[:, 1:][where], where, temperature)
+        logits = self.teacher_forced(features, tokens, where).logits.float() / temperature
+        if max_length is not None:
+            words = torch.arange(where.size(1), device=where.device).expand_as(where)[where]
+            logits = logits.masked_fill(banned_at(words, logits.size(1), max_length, ban_unk), float("-inf"))
+        return caption_logprobs(logits, tokens[:, 1:][where], where)
 
     @torch.no_grad()
     def attention_maps(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

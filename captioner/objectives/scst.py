@@ -11,8 +11,10 @@ than its greedy captions, and at T = 1 the first epochs go into sharpening the d
 greedy decoding is the same at every temperature.
 
 The samples are drawn without gradients and their log-probabilities computed in one
-teacher-forced pass, which is exact when both passes see the same distribution: so dropout is
-off by default (``objective.dropout=true`` keeps it in both passes, with different masks). Each
+teacher-forced pass under the distribution they were drawn from (the tokens sampling never
+emits left out, the rest renormalized: ``Decoder.sequence_logprobs``), which is exact when both
+passes see the same weights: so dropout is off by default (``objective.dropout=true`` keeps it in
+both passes, with different masks; the greedy baseline always decodes without it). Each
 image's randomness comes from its own generator seeded by (train.seed, epoch, image), so N
 processes draw what one process draws and a resumed run draws what the uninterrupted one drew.
 """
@@ -93,24 +95,33 @@ class SelfCritical(Objective):
         uniforms = torch.stack([torch.rand(k, steps, generator=torch.Generator().manual_seed(int(seed)))
                                 for seed in batch.seeds.tolist()]).view(-1, steps)
         image_ids = [self.image_ids[row] for row in batch.rows.tolist()]
+        max_length, ban_unk = self.decode.max_length, self.decode.ban_unk
         with _dropout(model, self.cfg.dropout):
-            drawn = draw(model, features, uniforms.to(features.device), max_length=self.decode.max_length,
-                         ban_unk=self.decode.ban_unk, temperature=self.cfg.temperature)
+            drawn = draw(model, features, uniforms.to(features.device), max_length=max_length, ban_unk=ban_unk,
+                         temperature=self.cfg.temperature)
             logprobs = model.sequence_logprobs(features, as_tokens(drawn.sequences, features.device),
-                                               temperature=self.cfg.temperature)
-            reward = self.rewards([i for i in image_ids for _ in range(k)], drawn.sequences).reshape(-1, k)
-            if self.cfg.baseline == "mean":  # each sample against the mean of the image's other samples
-                baseline = (reward.sum(axis=1, keepdims=True) - reward) / (k - 1)
-            else:
-                with torch.no_grad():
-                    decoded = greedy(model, batch.features, max_length=self.decode.max_length,
-                                     ban_unk=self.decode.ban_unk, block_trigrams=False)
-                baseline = np.repeat(self.rewards(image_ids, decoded.sequences)[:, None], k, axis=1)
+                                               temperature=self.cfg.temperature, max_length=max_length,
+                                               ban_unk=ban_unk)
+        # rows i*k .. i*k + k-1 are image i's samples (repeat_interleave above)
+        reward = self.rewards([i for i in image_ids for _ in range(k)], drawn.sequences).reshape(-1, k)
+        if self.cfg.baseline == "mean":
+            baseline = mean_of_others(reward)
+        else:
+            with _dropout(model, False), torch.no_grad():  # the baseline is the deterministic greedy caption
+                decoded = greedy(model, batch.features, max_length=max_length, ban_unk=ban_unk, block_trigrams=False)
+            baseline = np.repeat(self.rewards(image_ids, decoded.sequences)[:, None], k, axis=1)
         advantage = torch.from_numpy((reward - baseline).reshape(-1)).to(logprobs)
         loss = -(advantage * logprobs).mean()
         lengths = [len(s) for s in drawn.sequences]
         return ObjectiveOutput(loss, len(lengths), {"reward": float(reward.mean()), "baseline": float(baseline.mean()),
                                                     "sample_length": float(np.mean(lengths))})
+
+
+def mean_of_others(reward: np.ndarray) -> np.ndarray:
+    """Each sample's baseline [B, k]: the mean reward of the same image's other k - 1 samples
+    (``reward`` [B, k], one row per image)."""
+    k = reward.shape[1]
+    return (reward.sum(axis=1, keepdims=True) - reward) / (k - 1)
 
 
 def reference_ids(vocab, records) -> dict:
