@@ -219,6 +219,9 @@ class TrainConfig:
     # TensorBoard events under <run>/tensorboard; null: when the tensorboard package is installed
     tensorboard: Optional[bool] = None
     resume: Optional[str] = None  # PATH (a last.pt/best.pt, or a run directory) | auto (out_dir/last.pt if any)
+    # a fresh run in a directory that holds another run: false refuses it (nothing is overwritten),
+    # true moves that run's files into <out_dir>/replaced-<date_time>/ first
+    overwrite: bool = False
     # start from a trained checkpoint's weights and vocabulary (e.g. self-critical training after
     # cross-entropy), with a fresh optimizer and schedule
     init_from: Optional[str] = None

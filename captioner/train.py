@@ -6,15 +6,19 @@ from __future__ import annotations
 
 from captioner.cli import command
 from captioner.config import run_dir
+from captioner.training.rundir import claim
 from captioner.training.runlock import check_free
 from captioner.training.trainer import train
 
 
 def _run_dir_is_free(cfg) -> None:
-    """A second run on the directory of a live one stops before Hydra writes its log there."""
+    """A second run on the directory of a live one, or a fresh run on a directory that holds a
+    run, stops before Hydra writes its log and config there (train.overwrite=true moves the old
+    run aside first)."""
     directory = run_dir(cfg.train.out_dir, cfg.train.resume)
     if directory:
         check_free(directory)
+        claim(directory, cfg.train.resume, cfg.train.overwrite)
 
 
 def _train(cfg) -> None:

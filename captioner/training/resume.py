@@ -100,9 +100,14 @@ def restore_training(ckpt: dict[str, Any], path, cfg, *, rank: int, world_size: 
     return state
 
 
+def resume_requested(resume: Optional[str]) -> bool:
+    """Whether ``train.resume`` asks to go on from a checkpoint (a path, or auto)."""
+    return resume not in (None, "", "none", "null")
+
+
 def resolve_resume(resume: Optional[str], out_dir: str | Path) -> Optional[Path]:
     """``train.resume``: None -> no resume; "auto" -> ``out_dir/last.pt`` if there is one; else a path."""
-    if resume in (None, "", "none", "null"):
+    if not resume_requested(resume):
         return None
     if resume == "auto":
         path = Path(out_dir) / LAST

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from captioner.training import distributed
 from captioner.training.board import Board
 from captioner.training.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
+from captioner.training.rundir import claim
 from captioner.training.resume import (TrainState, load_weights, resolve_resume, restore_training,
                                        training_checkpoint)
 from captioner.training.rng import rng_state
@@ -142,6 +143,8 @@ def prepare(cfg: DictConfig, ctx: distributed.Dist, device: torch.device, out_di
     """Data, vocabulary, model, optimizer and objective for ``cfg``, restored from the checkpoint
     that ``train.resume`` names. Checks that fail fast (a bad resume path, a precision this device
     cannot run) come before the data is read or features are extracted."""
+    # (under the train command, Hydra's log and config of this run are already there: kept)
+    ctx.on_main(lambda: claim(out_dir, cfg.train.resume, cfg.train.overwrite, keep=(".hydra", "train.log")))
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in out_dir.glob(".*.tmp"):  # temporary files of a write that a kill cut short
