@@ -3,16 +3,18 @@ the given directories (a sweep's, a few runs', or one run's).
 
 A run is a directory holding ``metrics.jsonl`` and Hydra's ``.hydra/config.yaml``. Runs whose
 configs differ only in ``train.seed`` (and in where and how they ran: paths, resume, progress,
-logging) are one setting; the table has a row per setting, named by the config values that differ
+logging) are one setting; runs started from different ``train.init_from`` checkpoints are
+different settings. The table has a row per setting, named by the config values that differ
 between settings, with the mean and standard deviation over its runs of each figure and the
-number of runs. Figures: the validation metrics of each run's best epoch (by its
+number of runs; a figure that only some of the runs have says over how many its mean is
+("0.5120 ± 0.0040 (2 of 3)"). Figures: the validation metrics of each run's best epoch (by its
 ``train.monitor``), and the scores of any ``metrics_<split>_<decode>.json`` that
 ``captioner.evaluate`` wrote in the run directory; BLEU-4 and CIDEr of each unless ``--figures``
-names others. Writes ``PREFIX.md`` and ``PREFIX.csv`` with
-the same table and ``PREFIX.png`` with every setting's validation curve (of the metric most runs
-monitor),
-the mean over seeds with the spread of the runs shaded. PREFIX defaults to
-``<first DIR>/comparison``.
+names others. A training run directory without a finished epoch (no or an empty
+``metrics.jsonl``), or a ``metrics.jsonl`` without its config, is left out with one line on
+stderr saying why. Writes ``PREFIX.md`` and ``PREFIX.csv`` with the same table and
+``PREFIX.png`` with every setting's validation curve (of the metric most runs monitor), the mean
+over seeds with the spread of the runs shaded. PREFIX defaults to ``<first DIR>/comparison``.
 """
 from __future__ import annotations
 
@@ -26,10 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-# config keys that say where or how a run ran, not what it computed
+# config keys that say where or how a run ran, not what it computed (train.init_from is not one:
+# the checkpoint a run starts from is part of what it computes)
 BOOKKEEPING = ("train.seed", "train.out_dir", "train.resume", "train.progress", "train.log_every",
                "train.save_every", "train.plot", "train.tensorboard", "train.device", "data.root",
-               "encoder.cache_dir", "encoder.num_workers", "encoder.compile", "train.init_from")
+               "encoder.cache_dir", "encoder.num_workers", "encoder.compile")
 
 
 @dataclass
@@ -61,17 +64,45 @@ def _flatten(node, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def load_run(path: Path) -> Optional[Run]:
-    """The run in ``path``, or None when it has no finished epoch or no config."""
+class LeftOut(Exception):
+    """A run directory with nothing to tabulate yet; the message says why."""
+
+
+def _json(text: str, path: Path, line: Optional[int] = None):
+    """``text`` (line ``line`` of ``path``, or all of it) parsed; json's own error names neither
+    the file nor, for one line of a .jsonl, the line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}, line {line or err.lineno}: not JSON ({err.msg}, column {err.colno})") from None
+
+
+def is_training_job(path: Path) -> bool:
+    """Whether Hydra's config in ``path`` is a training job's: ``captioner.extract`` composes the
+    same config into its own run directories, which never have epochs."""
+    import yaml
+
+    hydra_file = path / ".hydra" / "hydra.yaml"
+    if not hydra_file.is_file():
+        return True
+    job = (yaml.safe_load(hydra_file.read_text(encoding="utf-8")) or {}).get("hydra", {}).get("job", {})
+    return job.get("name", "train") == "train"
+
+
+def load_run(path: Path) -> Run:
+    """The run in ``path``; LeftOut when it has no finished epoch or no config."""
     import yaml
 
     config_file = path / ".hydra" / "config.yaml"
     metrics = path / "metrics.jsonl"
-    if not (config_file.is_file() and metrics.is_file()):
-        return None
-    history = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not config_file.is_file():
+        raise LeftOut("no .hydra/config.yaml beside its metrics.jsonl (its settings are unknown)")
+    if not metrics.is_file():
+        raise LeftOut("no metrics.jsonl (no epoch finished)")
+    history = [_json(line, metrics, number)
+               for number, line in enumerate(metrics.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
     if not history:
-        return None
+        raise LeftOut("metrics.jsonl is empty (no epoch finished)")
     config = _flatten(yaml.safe_load(config_file.read_text(encoding="utf-8")) or {})
     monitor = f"val/{config.get('train.monitor', 'Bleu_4')}"
     best = max((row for row in history if monitor in row), key=lambda row: row[monitor], default=history[-1])
@@ -79,24 +110,34 @@ def load_run(path: Path) -> Optional[Run]:
     figures["epochs"] = float(history[-1]["epoch"])
     for scores in sorted(path.glob("metrics_*_*.json")):  # captioner.evaluate: metrics_<split>_<decode>.json
         split_decode = scores.stem.removeprefix("metrics_")
-        report = json.loads(scores.read_text(encoding="utf-8"))
+        report = _json(scores.read_text(encoding="utf-8"), scores)
         for name, value in report.get("scores", {}).items():
             if isinstance(value, (int, float)):
                 figures[f"{split_decode}/{name}"] = float(value)
     return Run(path, config, history, figures)
 
 
-def find_runs(directories: Sequence[Path]) -> list[Run]:
-    runs = []
+def find_runs(directories: Sequence[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """The runs under ``directories`` and the run directories left out, each with the reason.
+    A directory is a run's when it has a metrics.jsonl or a training job's .hydra/config.yaml."""
+    runs, left_out = [], []
     for directory in directories:
         if not directory.is_dir():
             raise FileNotFoundError(f"{directory}: no such directory")
-        candidates = [directory] + sorted(p.parent for p in directory.rglob("metrics.jsonl") if p.parent != directory)
-        runs += [run for run in map(load_run, candidates) if run is not None]
+        candidates = sorted({p.parent for p in directory.rglob("metrics.jsonl")}
+                            | {p.parent.parent for p in directory.rglob(".hydra/config.yaml")})
+        for path in candidates:
+            if not (path / "metrics.jsonl").is_file() and not is_training_job(path):
+                continue
+            try:
+                runs.append(load_run(path))
+            except LeftOut as why:
+                left_out.append((path, str(why)))
     if not runs:
         raise FileNotFoundError(f"no training runs (a metrics.jsonl beside .hydra/config.yaml) under "
-                                f"{', '.join(map(str, directories))}")
-    return runs
+                                f"{', '.join(map(str, directories))}"
+                                + "".join(f"; {path} left out: {why}" for path, why in left_out))
+    return runs, left_out
 
 
 def settings(runs: Sequence[Run]) -> list[Setting]:
@@ -146,7 +187,9 @@ def table(groups: Sequence[Setting], figures: Optional[Sequence[str]] = None) ->
         cells = [g.name, str(len(g.runs))]
         for figure in figures:
             mean, std = g.stats(figure)
-            cells.append("-" if mean is None else f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}"))
+            have = sum(figure in r.figures for r in g.runs)
+            cells.append("-" if mean is None else f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}")
+                         + ("" if have == len(g.runs) else f" ({have} of {len(g.runs)})"))
         rows.append(cells)
     return header, rows
 
@@ -186,12 +229,13 @@ def plot(groups: Sequence[Setting], path: Path) -> None:
 
 
 def compare(directories: Sequence[Path], prefix: Optional[Path] = None,
-            figures: Optional[Sequence[str]] = None) -> tuple[str, list[Setting]]:
+            figures: Optional[Sequence[str]] = None) -> tuple[str, list[Setting], list[tuple[Path, str]]]:
     """The Markdown table of the runs under ``directories``, also written (with the CSV and the
-    curves) to ``prefix``.md/.csv/.png."""
+    curves) to ``prefix``.md/.csv/.png; the settings; the run directories left out, with why."""
     from captioner.io import atomic_write_text
 
-    groups = settings(find_runs([Path(d) for d in directories]))
+    runs, left_out = find_runs([Path(d) for d in directories])
+    groups = settings(runs)
     header, rows = table(groups, figures)
     text = markdown(header, rows)
     prefix = Path(prefix) if prefix else Path(directories[0]) / "comparison"
@@ -200,7 +244,7 @@ def compare(directories: Sequence[Path], prefix: Optional[Path] = None,
     csv.writer(buffer).writerows([header, *rows])
     atomic_write_text(prefix.with_suffix(".csv"), buffer.getvalue())
     plot(groups, prefix.with_suffix(".png"))
-    return text, groups
+    return text, groups, left_out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -215,11 +259,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from captioner.cli import known_errors
 
     with known_errors():
-        text, groups = compare(args.directories, args.out, args.figures.split(",") if args.figures else None)
+        text, groups, left_out = compare(args.directories, args.out,
+                                         args.figures.split(",") if args.figures else None)
+    for path, why in left_out:
+        print(f"left out {path}: {why}", file=sys.stderr)
     print(text, end="")
     prefix = args.out or args.directories[0] / "comparison"
     runs = sum(len(g.runs) for g in groups)
-    print(f"{runs} run{'s' * (runs != 1)}, {len(groups)} setting{'s' * (len(groups) != 1)}; "
+    skipped = f", {len(left_out)} run director{'ies' if len(left_out) != 1 else 'y'} left out" if left_out else ""
+    print(f"{runs} run{'s' * (runs != 1)}, {len(groups)} setting{'s' * (len(groups) != 1)}{skipped}; "
           f"wrote {prefix}.md, .csv, .png")
 
 

@@ -72,7 +72,7 @@ def test_evaluate_scores_in_a_run_directory_join_its_row(sweep, tmp_path):
     (sweep / "other" / "metrics_test_beam.json").write_text(json.dumps(
         {"split": "test", "num_images": 12, "scores": {"Bleu_4": 0.25, "CIDEr": 0.5, "bleu_counts": {"reflen": 9}}}))
     try:
-        _, groups = compare([sweep / "other"], tmp_path / "t")
+        _, groups, _ = compare([sweep / "other"], tmp_path / "t")
         assert groups[0].stats("test_beam/CIDEr") == (0.5, None)
         assert set(groups[0].runs[0].figures) >= {"test_beam/Bleu_4", "test_beam/CIDEr"}
         assert not any("num_images" in f or "reflen" in f for f in groups[0].runs[0].figures)
@@ -122,3 +122,87 @@ def test_the_same_sweep_resumes_job_by_job_and_refuses_one_out_dir(sweep, shapes
     one_dir = subprocess.run([*args, f"train.out_dir={sweep / 'one'}"], cwd=ROOT, env=env(), capture_output=True,
                              text=True, timeout=300)
     assert one_dir.returncode == 1 and "train.out_dir names one directory for every job" in one_dir.stderr
+
+
+def fake_run(path: Path, rows, job: str = "train", **config) -> Path:
+    """A run directory as training leaves it, without training: ``.hydra/config.yaml`` (the
+    ``config`` sections), ``.hydra/hydra.yaml`` naming the job, and ``metrics.jsonl`` with
+    ``rows`` (a str: the file's text; None: no file)."""
+    import yaml
+
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    (path / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"name": job}}}))
+    if rows is not None:
+        (path / "metrics.jsonl").write_text(rows if isinstance(rows, str) else "".join(json.dumps(r) + "\n"
+                                                                                         for r in rows))
+    return path
+
+
+EPOCHS = [{"epoch": 1, "val/Bleu_4": 0.1, "val/CIDEr": 0.2}, {"epoch": 2, "val/Bleu_4": 0.15, "val/CIDEr": 0.3}]
+
+
+def test_run_directories_without_a_finished_epoch_are_named_one_line_each(tmp_path, capsys):
+    from captioner.compare import main
+
+    fake_run(tmp_path / "done", EPOCHS, train={"seed": 0})
+    fake_run(tmp_path / "starting", None, train={"seed": 1})  # killed before its first epoch ended
+    fake_run(tmp_path / "empty", "", train={"seed": 2})
+    (tmp_path / "copied").mkdir()  # a metrics.jsonl copied without its config
+    (tmp_path / "copied" / "metrics.jsonl").write_text(json.dumps(EPOCHS[0]) + "\n")
+    fake_run(tmp_path / "features", None, job="extract", train={"seed": 0})  # python -m captioner.extract: no run
+    main([str(tmp_path), "--out", str(tmp_path / "t")])
+    out, err = capsys.readouterr()
+    assert "1 run, 1 setting, 3 run directories left out" in out
+    left_out = err.splitlines()
+    assert len(left_out) == 3, err
+    reasons = {"starting": "no metrics.jsonl", "empty": "metrics.jsonl is empty", "copied": "no .hydra/config.yaml"}
+    for line, (name, why) in zip(left_out, sorted(reasons.items())):
+        assert line.startswith(f"left out {tmp_path / name}: ") and why in line, line
+
+    with pytest.raises(SystemExit) as stop:  # nothing left to tabulate: the one error line names them
+        main([str(tmp_path / "starting"), str(tmp_path / "empty")])
+    error = capsys.readouterr().err
+    assert stop.value.code == 1 and error.count("\n") == 1 and error.startswith("error: no training runs")
+    assert f"{tmp_path / 'starting'} left out: no metrics.jsonl" in error and "metrics.jsonl is empty" in error
+
+
+def test_a_metrics_line_that_is_not_json_is_one_error_naming_the_file_and_line(tmp_path, capsys):
+    from captioner.compare import main
+
+    run = fake_run(tmp_path / "run", json.dumps(EPOCHS[0]) + '\n{"epoch": 2, "val/Bl', train={"seed": 0})
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path), "--out", str(tmp_path / "t")])
+    error = capsys.readouterr().err
+    assert stop.value.code == 1 and error.count("\n") == 1, error
+    assert error.startswith(f"error: {run / 'metrics.jsonl'}, line 2: not JSON"), error
+
+
+def test_a_figure_some_runs_lack_shows_the_number_of_runs_behind_its_mean():
+    from captioner.compare import Run, settings, table
+
+    runs = [Run(Path(f"run{seed}"), {"train.seed": seed}, [], {"val/CIDEr": 0.3, "test_beam/CIDEr": cider})
+            for seed, cider in ((0, 0.4), (1, 0.6))]
+    runs.append(Run(Path("run2"), {"train.seed": 2}, [], {"val/CIDEr": 0.3}))  # not evaluated on test (yet)
+    header, rows = table(settings(runs), ["val/CIDEr", "test_beam/CIDEr"])
+    assert header == ["setting", "runs", "val/CIDEr", "test_beam/CIDEr"]
+    assert rows == [["(all runs)", "3", "0.3000 ± 0.0000", "0.5000 ± 0.1414 (2 of 3)"]]
+
+
+def test_scst_runs_started_from_different_checkpoints_are_different_settings():
+    from captioner.compare import Run, settings
+
+    def scst(seed, init_from):
+        return Run(Path(f"run{seed}"), {"train.seed": seed, "objective.name": "scst", "train.init_from": init_from}, [])
+
+    runs = [scst(0, "ce/seed0/best.pt"), scst(1, "ce/seed0/best.pt"), scst(2, "ce/seed1/best.pt")]
+    assert [(s.name, len(s.runs)) for s in settings(runs)] == [
+        ("train.init_from=ce/seed0/best.pt", 2), ("train.init_from=ce/seed1/best.pt", 1)]
+
+
+def test_compare_refuses_a_directory_that_does_not_exist(tmp_path):
+    missing = tmp_path / "no such runs"
+    proc = subprocess.run([sys.executable, "-m", "captioner.compare", str(missing)], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stdout == "", proc
+    assert proc.stderr == f"error: {missing}: no such directory\n"
