@@ -52,3 +52,61 @@ def test_the_library_refuses_the_same_way(tiny_cfg, tmp_path):
         train(tiny_cfg(*FAST))
     assert snapshot(Path(cfg.train.out_dir)) == before
     assert train(tiny_cfg(*FAST, "train.resume=auto"))["epoch"] == 1  # going on with it is allowed
+
+
+# --- a checkpoint from someone else is validated like a command line before anything is built ---
+
+def _stranger(tmp_path: Path, change) -> Path:
+    """A real (untrained) checkpoint, then edited by ``change(ckpt)`` as someone else's file might be."""
+    from test_caption import untrained_checkpoint
+
+    from captioner.training.checkpoint import load_checkpoint, save_checkpoint
+
+    path = untrained_checkpoint(tmp_path / "theirs.pt")
+    ckpt = load_checkpoint(path)
+    change(ckpt)
+    save_checkpoint(path, ckpt)
+    return path
+
+
+def _evaluate(checkpoint: Path, tmp_path: Path):
+    import subprocess
+    import sys
+
+    from trainrun import env
+
+    return subprocess.run([sys.executable, "-m", "captioner.evaluate", f"checkpoint={checkpoint}", "split=test",
+                           "progress=false", f"output_dir={tmp_path / 'eval'}"], cwd=tmp_path, env=env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda c: c["config"]["model"].update(hidden_dim=10**9), "does not fit the model its own config describes"),
+    (lambda c: c["config"]["model"].update(cell="transformer"), "model.cell='transformer': choose one of lstm, gru, rnn"),
+    (lambda c: c["config"]["model"].update(name="transformer"), "model.name='transformer': choose one of"),
+    (lambda c: c["config"]["train"].update(batch_size=0), "train.batch_size=0: must be at least 1"),
+    (lambda c: c["config"]["encoder"].update(bogus=1), "encoder.bogus"),
+    (lambda c: c.update(config="model: {hidden_dim: 1}"), "its config is a str, not a mapping"),
+    (lambda c: c["config"]["encoder"].update(weights="/etc/passwd"), "encoder.weights=/etc/passwd is not a PyTorch weights file"),
+], ids=["absurd-size", "unknown-cell", "unknown-model", "out-of-range", "unknown-key", "string-config", "foreign-weights"])
+def test_a_strangers_checkpoint_is_refused_in_one_line_before_anything_is_built(tmp_path, change, expected):
+    from captioner.cli import one_line
+    from captioner.encoding.encoders import WeightsUnavailableError
+    from captioner.training.checkpoint import CheckpointError
+    from captioner.training.restore import restore_model
+
+    checkpoint = _stranger(tmp_path, change)
+    with pytest.raises((CheckpointError, WeightsUnavailableError)) as info:
+        restore_model(checkpoint, with_encoder=True)
+    assert expected in one_line(info.value) and "\n" not in str(info.value)
+
+
+def test_the_evaluate_command_refuses_a_checkpoint_of_absurd_size_in_one_line(tmp_path):
+    checkpoint = _stranger(tmp_path, lambda c: c["config"]["model"].update(hidden_dim=10**9))
+    assert_one_line_error(_evaluate(checkpoint, tmp_path), "does not fit the model its own config describes")
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "data").exists()  # nothing written anywhere
+
+
+def test_an_empty_checkpoint_file_is_one_line(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert_one_line_error(_evaluate(tmp_path / "empty.pt", tmp_path), f"cannot read checkpoint {tmp_path / 'empty.pt'}")

@@ -296,7 +296,14 @@ def _read_weights(path: str | Path) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsUnavailableError(f"encoder.weights file not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - whatever the file holds, torch.load's reason is the line
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise WeightsUnavailableError(f"encoder.weights={path} is not a PyTorch weights file ({reason})") from None
+    if not isinstance(state, dict):
+        raise WeightsUnavailableError(f"encoder.weights={path} holds a {type(state).__name__}, not a state dict")
+    return state
 
 
 def _load(model: nn.Module, state: dict, head: str, name: str) -> None:

@@ -24,8 +24,13 @@ from typing import Any, Iterable
 
 import torch
 
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from captioner.config import TrainRunConfig, validate
 from captioner.io import WriteError, atomic_path
-from captioner.models import shape_keys
+from captioner.models import MODELS, shape_keys
+from captioner.objectives import OBJECTIVES
 
 LAST, BEST = "last.pt", "best.pt"
 FORMAT = 3
@@ -63,8 +68,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"refusing to load {path}: it contains objects other than plain data and tensors "
             f"({_unpickling_reason(err)}); nothing in it was run. Only checkpoints written by captioner are accepted"
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError) as err:  # (an empty file: no message)
+        reason = (str(err).strip().splitlines() or [f"{type(err).__name__}, {path.stat().st_size} bytes"])[0]
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a captioner checkpoint (it holds a {type(ckpt).__name__})")
     return upgrade(ckpt, path)
@@ -115,6 +121,30 @@ def load_state(module: torch.nn.Module, state: dict[str, Any], path: str | Path,
         module.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{path} does not fit {what}: {str(err).strip().splitlines()[-1].strip()}") from None
+
+
+def checked_config(ckpt: dict[str, Any], path: str | Path) -> DictConfig:
+    """The checkpoint's config as a command line's would be: typed by the same schemas (the model's
+    and the objective's by their names) and validated, before anything is built from it. A config
+    that is no mapping, an unknown choice or key, a wrong type or a value out of range is one
+    CheckpointError line naming the key."""
+    config = ckpt.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a captioner checkpoint: its config is a {type(config).__name__}, "
+                              "not a mapping")
+    try:
+        cfg = OmegaConf.structured(TrainRunConfig)
+        model, objective = config.get("model") or {}, config.get("objective") or {}
+        cfg.model = OmegaConf.structured(MODELS.schema(str(model.get("name") or "show_tell")))
+        cfg.objective = OmegaConf.structured(OBJECTIVES.schema(str(objective.get("name") or "cross_entropy")))
+        cfg = OmegaConf.merge(cfg, config)
+        validate(cfg)
+    except (ValueError, OmegaConfBaseException, AttributeError) as err:
+        key = getattr(err, "full_key", None)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path} holds a config this captioner refuses ({f'{key}: ' if key else ''}{first}): "
+                              "it was not written by a matching captioner, or was changed since") from None
+    return cfg
 
 
 def check_fits(ckpt: dict[str, Any], path: str | Path, feature_dim: int, model_cfg: dict) -> None:

@@ -3,6 +3,7 @@ vocabulary and config, and the encoder it was trained with (``evaluate``, ``capt
 ``Captioner``)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -12,7 +13,8 @@ from omegaconf import OmegaConf
 from captioner.data.vocab import Vocabulary
 from captioner.encoding.encoders import run_encoder
 from captioner.models import build_model
-from captioner.training.checkpoint import DECODER_KEYS, CheckpointError, load_checkpoint, load_state, require, upgrade
+from captioner.training.checkpoint import (DECODER_KEYS, CheckpointError, checked_config, load_checkpoint, load_state,
+                                           require, upgrade)
 
 
 class Restored(NamedTuple):
@@ -33,12 +35,28 @@ def restore_model(checkpoint: dict[str, Any] | str | Path, device: str | torch.d
     path = checkpoint if isinstance(checkpoint, (str, Path)) else "the checkpoint"
     ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else upgrade(checkpoint)
     require(ckpt, path, DECODER_KEYS)
-    cfg = OmegaConf.create(ckpt["config"])
+    cfg = checked_config(ckpt, path)
     vocab = Vocabulary.from_dict(ckpt["vocab"])
+    check_weights_fit(cfg, len(vocab), ckpt, path)
     model = build_model(cfg.model, len(vocab), ckpt["feature_dim"])
     load_state(model, ckpt["model"], path, f"its own model config and {len(vocab)}-word vocabulary")
     encoder = restore_encoder(ckpt, cfg, device) if with_encoder else None
     return Restored(model.to(device).eval(), vocab, cfg, encoder, "encoder" in ckpt)
+
+
+def check_weights_fit(cfg, vocab_size: int, ckpt: dict[str, Any], path) -> None:
+    """One CheckpointError line unless the model the config describes has the checkpoint's weights'
+    names and shapes, checked on the meta device: nothing is allocated, so a config that asks for
+    a model of absurd size is refused before it can take the memory."""
+    what = f"the model its own config describes ({len(ckpt['vocab'].get('itos', []))}-word vocabulary)"
+    try:
+        with torch.device("meta"):
+            shell = build_model(cfg.model, vocab_size, int(ckpt["feature_dim"]))
+    except (RuntimeError, ValueError, TypeError, OverflowError) as err:
+        raise CheckpointError(f"{path} does not fit {what}: {(str(err).strip().splitlines() or ['?'])[-1]}") from None
+    with warnings.catch_warnings():  # copying into meta tensors is a no-op: only the checks count
+        warnings.simplefilter("ignore")
+        load_state(shell, ckpt["model"], path, what)
 
 
 def restore_encoder(ckpt: dict[str, Any], cfg, device: str | torch.device = "cpu"):
