@@ -45,6 +45,19 @@ def find_images(folder: Path) -> tuple[list[Path], list[Path]]:
     return images, others
 
 
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # a byte the file system's decoding could not map (a lone surrogate)
+        return False
+
+
+def printable(name: str) -> str:
+    """``name`` with the bytes that are not UTF-8 shown as escapes (caf\\xe9.jpg)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _warn(message: str) -> None:
     tqdm.write(f"warning: {message}", file=sys.stderr)  # above the progress bar, not through it
 
@@ -63,6 +76,14 @@ def caption_folder(cfg: DictConfig) -> dict:
     paths, others = find_images(folder)
     if not paths:
         raise CaptionError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+    # A name that is not valid UTF-8 (bytes from another system's encoding) cannot go into the
+    # JSON and HTML outputs: such a file is skipped and named, the rest are captioned.
+    unnamed = [p for p in paths if not _utf8(p.relative_to(folder).as_posix())]
+    for path in unnamed:
+        _warn(f"skipped {printable(path.relative_to(folder).as_posix())}: its name is not valid UTF-8; rename it")
+    paths = [p for p in paths if p not in unnamed]
+    if not paths:
+        raise CaptionError(f"no image file under {folder} has a UTF-8 name (first: {printable(str(unnamed[0]))})")
 
     start = time.perf_counter()
     captioner = Captioner.from_checkpoint(cfg.checkpoint, cfg.device)
@@ -75,7 +96,7 @@ def caption_folder(cfg: DictConfig) -> dict:
     results = captioner.caption_images(paths, cfg.decode, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                        progress=cfg.progress, on_error=on_error, attention=attention)
 
-    captions, skipped, maps = [], [], {}
+    captions, skipped, maps = [], [printable(p.relative_to(folder).as_posix()) for p in unnamed], {}
     for image_id, (name, result) in enumerate(zip(rel, results)):
         if "error" in result:
             skipped.append(name)

@@ -110,3 +110,30 @@ def test_the_evaluate_command_refuses_a_checkpoint_of_absurd_size_in_one_line(tm
 def test_an_empty_checkpoint_file_is_one_line(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     assert_one_line_error(_evaluate(tmp_path / "empty.pt", tmp_path), f"cannot read checkpoint {tmp_path / 'empty.pt'}")
+
+
+def test_a_folder_with_a_file_name_that_is_not_utf8_captions_the_rest_and_names_it(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+    from test_caption import untrained_checkpoint
+
+    from trainrun import env
+
+    checkpoint = untrained_checkpoint(tmp_path / "best.pt")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (40, 30), "red").save(folder / name)
+    Image.new("RGB", (40, 30), "blue").save(os.path.join(os.fsencode(folder), b"caf\xe9.png"))  # Latin-1 bytes
+    out = tmp_path / "captions.json"
+    proc = subprocess.run([sys.executable, "-m", "captioner.caption", str(folder), f"checkpoint={checkpoint}",
+                           f"output={out}", "html=true", "progress=false"], cwd=tmp_path, env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [c["file_name"] for c in json.loads(out.read_text())] == ["a.png", "b.png"]
+    assert "skipped caf\\xe9.png: its name is not valid UTF-8; rename it" in proc.stderr
+    assert "Traceback" not in proc.stderr and out.with_suffix(".html").is_file()
