@@ -76,13 +76,16 @@ def write_error_page(path: str | Path, results: Sequence[dict], records: Sequenc
                      corpus: Mapping[str, object], title: str, size: int = 160,
                      view: Optional[Callable[[Image.Image], Image.Image]] = None) -> Path:
     """Write the page for ``results`` ({"image_id", "caption", and for an attention decoder
-    "words" and "attention"}) of ``records`` (same order), with ``per_image`` scores by image id,
+    "words" and "attention"}) of ``records``, with ``per_image`` scores by image id,
     atomically. An image that cannot be read again shows without its thumbnail."""
     from captioner.evaluation.attention import strip
 
+    # by image id, not by position: nothing then ties a caption to another image's references
+    # and thumbnail if the results come in another order than the records
+    record_of = {record.image_id: record for record in records}
     items = []
-    for result, record in zip(results, records):
-        scores = per_image[result["image_id"]]
+    for result in results:
+        record, scores = record_of[result["image_id"]], per_image[result["image_id"]]
         item = {"image_id": result["image_id"], "caption": result["caption"], "references": list(record.captions),
                 **scores, "thumbnail": "", "width": size, "height": size}
         try:
