@@ -137,3 +137,29 @@ def test_a_folder_with_a_file_name_that_is_not_utf8_captions_the_rest_and_names_
     assert [c["file_name"] for c in json.loads(out.read_text())] == ["a.png", "b.png"]
     assert "skipped caf\\xe9.png: its name is not valid UTF-8; rename it" in proc.stderr
     assert "Traceback" not in proc.stderr and out.with_suffix(".html").is_file()
+
+
+def test_the_shapes_generator_never_writes_into_a_users_folder(tmp_path):
+    """data.root=DIR with the shapes default (data= forgotten) on a folder of the user's own: one
+    line, nothing written; with a captions.json of another kind there too."""
+    from PIL import Image
+
+    from captioner.data.shapes import load_shapes
+
+    mine = tmp_path / "my_photos"
+    (mine / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(mine / "images" / "train_00000.png")
+    (mine / "notes.txt").write_text("mine")
+    before = snapshot(mine)
+    with pytest.raises(ValueError, match=r"is not a folder the shapes generator made \(it holds notes.txt\)"):
+        load_shapes(str(mine), num_train=2, num_val=1, num_test=1, image_size=32)
+    (mine / "notes.txt").unlink()
+    (mine / "captions.json").write_text('{"images": [], "annotations": []}')  # a COCO file, not ours
+    before = snapshot(mine)
+    with pytest.raises(ValueError, match="is not a folder the shapes generator made"):
+        load_shapes(str(mine), num_train=2, num_val=1, num_test=1, image_size=32)
+    assert snapshot(mine) == before
+
+    fresh = tmp_path / "new"
+    assert len(load_shapes(str(fresh), num_train=2, num_val=1, num_test=1, image_size=32)["train"]) == 2
+    assert len(load_shapes(str(fresh), num_train=3, num_val=1, num_test=1, image_size=32)["train"]) == 3  # its own

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Optional
 
 from PIL import Image, ImageDraw
 
@@ -96,17 +97,51 @@ def _captions(rng: random.Random, objects: list[dict]) -> list[str]:
     return captions
 
 
+MARKER = ".captioner-shapes"  # in a folder the generator made: it may write there again
+
+
+def _index(index_file: Path) -> Optional[dict]:
+    """The generator's own captions.json, or None when the file is not one it wrote."""
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if isinstance(index, dict) and isinstance(index.get("settings"), dict) and isinstance(index.get("splits"), dict):
+        return index
+    return None
+
+
+def claim_folder(root: Path) -> None:
+    """Write ``MARKER`` into ``root`` unless it is a folder the generator did not make: one that
+    holds anything but its marker, its captions.json (a data set generated before the marker
+    existed), ``images/`` and the feature cache. Such a folder is the user's, and nothing is
+    written into it (ValueError naming it)."""
+    if (root / MARKER).is_file():
+        return
+    if root.is_dir() and any(root.iterdir()):
+        ours = (root / "captions.json").is_file() and _index(root / "captions.json") is not None
+        strangers = [p.name for p in sorted(root.iterdir()) if p.name not in ("captions.json", "images", "features")]
+        if not ours or strangers:
+            raise ValueError(f"data.root={root} is not a folder the shapes generator made (it holds "
+                             f"{', '.join(strangers[:3] or ['captions.json'])}{', ...' if len(strangers) > 3 else ''}): "
+                             "nothing was written there; give data.root an empty or new folder, or choose your data "
+                             "set with data=NAME (flickr8k, coco, coco_format)")
+    atomic_write_text(root / MARKER, "this folder was made by captioner's shapes generator; it may rewrite it\n")
+
+
 def load_shapes(
     root: str, num_train: int = 3000, num_val: int = 300, num_test: int = 300, image_size: int = 128, seed: int = 0
 ) -> dict[str, list[ImageRecord]]:
-    """Generate the data set under ``root`` unless an identical one is there, and return it."""
+    """Generate the data set under ``root`` unless an identical one is there, and return it. The
+    generator writes only into an empty folder or one it made (``claim_folder``)."""
     root_path = Path(root).resolve()
     settings = {"version": VERSION, "num": [num_train, num_val, num_test], "image_size": image_size, "seed": seed}
     index_file = root_path / "captions.json"
-    if index_file.exists():
-        index = json.loads(index_file.read_text())
-        if index["settings"] == settings and all((root_path / r["file"]).exists() for s in index["splits"].values() for r in s):
-            return _records(root_path, index)
+    claim_folder(root_path)
+    index = _index(index_file) if index_file.exists() else None
+    if index is not None and index["settings"] == settings and all(
+            (root_path / r["file"]).exists() for s in index["splits"].values() for r in s):
+        return _records(root_path, index)
 
     splits: dict[str, list[dict]] = {}
     image_id = 0
