@@ -70,3 +70,5 @@ def read_json(path: str | os.PathLike, what: str = "JSON file"):
     except json.JSONDecodeError as err:
         raise ValueError(f"{what} {path} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") \
             from None
+    except RecursionError:  # (json's C parser recurses once per level of nesting)
+        raise ValueError(f"{what} {path} nests its values too deeply to be a captions or results file") from None

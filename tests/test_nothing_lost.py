@@ -163,3 +163,34 @@ def test_the_shapes_generator_never_writes_into_a_users_folder(tmp_path):
     fresh = tmp_path / "new"
     assert len(load_shapes(str(fresh), num_train=2, num_val=1, num_test=1, image_size=32)["train"]) == 2
     assert len(load_shapes(str(fresh), num_train=3, num_val=1, num_test=1, image_size=32)["train"]) == 3  # its own
+
+
+def test_special_tokens_written_in_a_caption_are_words_not_tokens():
+    from captioner.data.vocab import BOS_ID, EOS_ID, UNK_ID, Vocabulary
+
+    vocab = Vocabulary.build(["a dog runs", "a dog"], min_count=1)
+    ids = vocab.encode("a dog <eos> runs <pad> <bos>")
+    assert ids == [BOS_ID, vocab.stoi["a"], vocab.stoi["dog"], UNK_ID, vocab.stoi["runs"], UNK_ID, UNK_ID, EOS_ID]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("results, expected", [
+    ('[{"image_id": 1, "caption": null}]', "entry 0 (image 1) has caption None, not a string"),
+    ('[{"image_id": 1, "caption": 7}]', "entry 0 (image 1) has caption 7, not a string"),
+    ('[{"image_id": [1, 2], "caption": "a dog"}]', "entry 0 has image_id [1, 2], not a number or a string"),
+    ('[{"image_id": 1, "caption": "a \\udce9 dog"}]', "has a caption with a lone surrogate"),
+    ("[" * 100_000 + "]" * 100_000, "nests its values too deeply"),
+], ids=["null-caption", "numeric-caption", "list-image-id", "lone-surrogate", "deep-json"])
+def test_a_bad_results_file_is_one_line_naming_it(tmp_path, results, expected):
+    from captioner.evaluation.metrics import score_results_file
+
+    annotations = _write(tmp_path / "captions.json",
+                         '{"images": [{"id": 1}], "annotations": [{"image_id": 1, "caption": "a dog runs"}]}')
+    path = _write(tmp_path / "results.json", results)
+    with pytest.raises(ValueError) as info:
+        score_results_file(path, annotations, metrics=("bleu",), tokenizer="python")
+    assert expected in str(info.value) and str(path) in str(info.value) and "\n" not in str(info.value)

@@ -47,7 +47,9 @@ class Vocabulary:
         tokens = tokenize(caption)
         if max_length is not None:
             tokens = tokens[:max_length]
-        return [self.bos_id, *(self.stoi.get(t, self.unk_id) for t in tokens), self.eos_id]
+        # the text "<eos>" or "<pad>" in a caption is a word like any other, never the special token
+        return [self.bos_id, *(self.unk_id if t in SPECIALS else self.stoi.get(t, self.unk_id) for t in tokens),
+                self.eos_id]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Words up to the first <eos>; <bos> and <pad> are dropped."""

@@ -107,6 +107,8 @@ def score_results_file(results_json: Union[str, os.PathLike], annotations_json: 
             isinstance(a, dict) and {"image_id", "caption"} <= set(a) for a in annotations["annotations"]):
         raise ValueError(f"annotations file {annotations_json} is not a COCO captions file "
                          '({"images": [...], "annotations": [{"image_id": ..., "caption": ...}, ...]})')
+    _check_entries(results, results_json)
+    _check_entries(annotations["annotations"], annotations_json)
 
     references: dict[ImageId, list[str]] = {}
     for image in annotations.get("images", []):
@@ -125,6 +127,27 @@ def score_results_file(results_json: Union[str, os.PathLike], annotations_json: 
     _check_subset(by_image, references, f"{results_json}: images missing from {annotations_json}")
     candidates = {image_id: by_image[image_id] for image_id in references if image_id in by_image}
     return score_captions(references, candidates, metrics=metrics, tokenizer=tokenizer)
+
+
+def _check_entries(entries: list, path) -> None:
+    """Every entry's image_id a number or a string and its caption a string: the first that is
+    not is one error naming the file and the entry."""
+    for i, entry in enumerate(entries):
+        image_id, caption = entry["image_id"], entry["caption"]
+        if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
+            raise ValueError(f"{path}: entry {i} has image_id {_short(image_id)}, not a number or a string")
+        if not isinstance(caption, str):
+            raise ValueError(f"{path}: entry {i} (image {image_id!r}) has caption {_short(caption)}, not a string")
+        try:
+            caption.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{path}: entry {i} (image {image_id!r}) has a caption with a lone surrogate "
+                             f"({caption.encode('utf-8', 'backslashreplace').decode()!r}): not text") from None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def format_scores(scores: Mapping[str, object], digits: int = 3) -> str:
