@@ -194,3 +194,26 @@ def test_a_bad_results_file_is_one_line_naming_it(tmp_path, results, expected):
     with pytest.raises(ValueError) as info:
         score_results_file(path, annotations, metrics=("bleu",), tokenizer="python")
     assert expected in str(info.value) and str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"images": [{"id": 1, "file_name": "/etc/hostname"}], "annotations": [{"id": 1, "image_id": 1, "caption": "x"}]}',
+     "image '/etc/hostname' is outside its image folder"),
+    ('{"images": [{"id": 1, "file_name": "../secret.png"}], "annotations": [{"id": 1, "image_id": 1, "caption": "x"}]}',
+     "image '../secret.png' is outside its image folder"),
+    ('{"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"id": 1, "image_id": 1, "caption": null}]}',
+     "image 1 has a caption None, not a string"),
+    ("[" * 100_000 + "]" * 100_000, "nests its values too deeply"),
+    (b'{"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"id": 1, "image_id": 1, "caption": "caf\xe9"}]}',
+     "is not UTF-8 text"),
+], ids=["absolute-file-name", "climbing-file-name", "null-caption", "deep-json", "latin-1"])
+def test_a_bad_coco_format_file_is_one_line_naming_it(tmp_path, content, expected):
+    from captioner.data.coco import load_coco_format
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "secret.png").write_bytes(b"not for the model")
+    captions = tmp_path / "captions.json"
+    captions.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError) as info:
+        load_coco_format(str(captions), str(tmp_path / "images"), holdout=0.5)
+    assert expected in str(info.value) and str(captions) in str(info.value) and "\n" not in str(info.value)

@@ -10,11 +10,13 @@ import contextlib
 import io
 import json
 import logging
+import os
 import random
 from collections import defaultdict
 from pathlib import Path
 
 from captioner.data import ImageRecord
+from captioner.data.images import inside
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ def load_coco_karpathy(dataset_json: str, image_root: str,
         for entry in _read_karpathy(dataset_json):
             split = _karpathy_split(entry["split"], use_restval, dataset_json)
             if split is not None:
-                path = root / entry.get("filepath", "") / entry["filename"]
+                path = inside(root, os.path.join(entry.get("filepath", ""), entry["filename"]), dataset_json)
                 captions = [s["raw"].strip() for s in entry["sentences"]]
                 splits[split].append(ImageRecord(int(entry["cocoid"]), str(path), captions))
     except (KeyError, TypeError) as err:
@@ -138,7 +140,7 @@ def _read_split_file(split_file: str, image_root: str) -> dict[str, str]:
         named = _read_split_lines(split_file)
     split_of: dict[str, str] = {}
     for name, split in named:
-        path = str(root / name)
+        path = inside(root, name, split_file)
         if split_of.setdefault(path, split) != split:
             raise ValueError(f"{split_file}: {name} is listed under both {split_of[path]} and {split}")
     return split_of
@@ -174,6 +176,10 @@ def _read_coco(annotation_file: str, image_root: str) -> list[ImageRecord]:
         except (AssertionError, KeyError, TypeError, json.JSONDecodeError) as err:
             raise ValueError(f"{ann_path}: not a COCO-format file ({{'images': [...], 'annotations': "
                              f"[...]}}): {err!r}") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{ann_path} is not UTF-8 text (byte {err.start}): is it the right file?") from None
+        except RecursionError:
+            raise ValueError(f"{ann_path} nests its values too deeply to be a COCO captions file") from None
     bad_ids = [i for i in coco.imgs if not isinstance(i, int)]
     if bad_ids:
         raise ValueError(f"{ann_path}: image ids must be integers, got e.g. {bad_ids[0]!r}")
@@ -185,8 +191,12 @@ def _read_coco(annotation_file: str, image_root: str) -> list[ImageRecord]:
         if not anns:
             uncaptioned.append(image_id)
             continue
-        path = root / coco.imgs[image_id]["file_name"]
-        records.append(ImageRecord(int(image_id), str(path), [a["caption"].strip() for a in anns]))
+        captions = [a["caption"] for a in anns]
+        bad = [c for c in captions if not isinstance(c, str)]
+        if bad:
+            raise ValueError(f"{ann_path}: image {image_id} has a caption {bad[0]!r}, not a string")
+        path = inside(root, coco.imgs[image_id].get("file_name"), str(ann_path))
+        records.append(ImageRecord(int(image_id), path, [c.strip() for c in captions]))
     if uncaptioned:
         log.warning("COCO: %d image(s) in %s have no captions, skipped: %s%s", len(uncaptioned), ann_path,
                     ", ".join(map(str, uncaptioned[:5])), " ..." if len(uncaptioned) > 5 else "")

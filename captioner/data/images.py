@@ -10,6 +10,20 @@ class BadImageError(ValueError):
     """An image file that cannot be decoded; the message names the file."""
 
 
+def inside(folder: str | os.PathLike, name: str, source: str) -> str:
+    """The path of image ``name`` (as a data set's file names it) in ``folder``, which it must
+    stay inside: an absolute name, or one that climbs out with "..", is one ValueError naming
+    ``source`` (the file that gave the name) rather than a read of a file elsewhere."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{source}: an image file name is {name!r}, not a file name")
+    root = os.path.realpath(folder)
+    path = os.path.realpath(os.path.join(root, name))
+    if os.path.isabs(name) or os.path.commonpath([root, path]) != root:
+        raise ValueError(f"{source}: image {name!r} is outside its image folder {folder}: file names must be "
+                         "relative to data.image_dir and stay inside it")
+    return os.path.join(folder, name)
+
+
 def load_image(path: str | os.PathLike | Image.Image) -> Image.Image:
     """Open any image as RGB with its EXIF orientation applied.
 
