@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from captioner.cli import command
 from captioner.config import run_dir
-from captioner.training.rundir import claim
+from captioner.training.rundir import check_writable, claim
 from captioner.training.runlock import check_free
 from captioner.training.trainer import train
 
@@ -17,6 +17,7 @@ def _run_dir_is_free(cfg) -> None:
     run aside first)."""
     directory = run_dir(cfg.train.out_dir, cfg.train.resume)
     if directory:
+        check_writable(directory)
         check_free(directory)
         claim(directory, cfg.train.resume, cfg.train.overwrite)
 

@@ -217,3 +217,13 @@ def test_a_bad_coco_format_file_is_one_line_naming_it(tmp_path, content, expecte
     with pytest.raises(ValueError) as info:
         load_coco_format(str(captions), str(tmp_path / "images"), holdout=0.5)
     assert expected in str(info.value) and str(captions) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_out_dir_that_is_a_file_or_cannot_be_written_is_one_line(shapes_root, tmp_path):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    proc = run(shapes_root, tmp_path / "unused", *FAST, f"train.out_dir={taken}")
+    assert_one_line_error(proc, f"train.out_dir={taken} is a file, not a directory")
+    assert taken.read_text() == "mine"
+    proc = run(shapes_root, tmp_path / "unused", *FAST, "train.out_dir=/proc/captioner-run")  # (proc: no new dirs)
+    assert_one_line_error(proc, "train.out_dir=/proc/captioner-run cannot be written")

@@ -10,6 +10,7 @@ again when a run is prepared (for library callers).
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Optional
@@ -24,6 +25,20 @@ REPLACED = "replaced-"
 
 class RunExistsError(ValueError):
     """A fresh run pointed at a directory that holds another run."""
+
+
+def check_writable(out_dir: str | Path) -> None:
+    """A run directory that can be made and written to, or one line saying why not: a path that is
+    a file, a read-only file system, no permission (before Hydra tries, with a traceback)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunExistsError(f"train.out_dir={out_dir} is a file, not a directory: give a directory for the run")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as err:
+        raise RunExistsError(f"train.out_dir={out_dir} cannot be written ({err.strerror or err}): "
+                             "give a directory on a writable disk") from None
 
 
 def holds_run(out_dir: Path) -> Optional[str]:
