@@ -7,7 +7,9 @@
 The first decodes the split through ``captioner.training.engine.evaluate`` (the same path as validation
 during training) and writes ``results_<split>_<decode>.json`` (COCO results format) and
 ``metrics_<split>_<decode>.json`` beside the checkpoint (``..._ensemble<N>.json`` for an
-ensemble of N models). The second scores any results file the
+ensemble of N models). ``data=NAME`` evaluates on that data set's config instead of the
+checkpoint's; ``data.KEY=VALUE`` without it changes a key of the checkpoint's own data set
+(``data.root=DIR``: its images moved elsewhere). The second scores any results file the
 way the coco-caption toolkit does.
 """
 from __future__ import annotations
@@ -22,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from captioner.training.checkpoint import CheckpointError, load_checkpoint
 from captioner.training.restore import restore_model
-from captioner.cli import command
-from captioner.config import validate
+from captioner.cli import UsageError, command
+from captioner.config import CONF_DIR, DataConfig, validate
 from captioner.io import atomic_write_text
 from captioner.evaluation.metrics import format_scores, score_results_file
 from captioner.runtime import resolve_device
@@ -157,7 +159,43 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return scores
 
 
-main = command("evaluate", run)
+def checkpoint_data(argv: list[str]) -> list[str]:
+    """``data.KEY=VALUE`` without ``data=NAME``: the checkpoint's own data set with KEY changed.
+
+    Hydra sets keys only of a data config the command line chose (else: "Unexpected type for
+    root: NoneType"), so the checkpoint's data config is spelled out as overrides ahead of the
+    user's, and the whole command line is then composed and checked as any other."""
+    import dataclasses
+
+    import yaml
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Quote, QuotedString
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+    except Exception:  # noqa: BLE001 - a malformed override: the config check names it
+        return argv
+    given = {o.key_or_group: o for o in overrides}
+    changed = [key for key in given if key.startswith("data.")]
+    if not changed or "data" in given:
+        return argv
+    if "checkpoint" not in given:
+        raise UsageError(f"{changed[0]}=... changes the checkpoint's data set: give checkpoint=PATH "
+                         "(or data=NAME for that data set's own config)")
+    data = load_checkpoint(given["checkpoint"].value())["config"]["data"]
+    # the group option whose YAML the checkpoint's data set was composed from (coco.yaml is coco_karpathy)
+    options = {yaml.safe_load(f.read_text(encoding="utf-8"))["name"]: f.stem
+               for f in Path(CONF_DIR, "data").glob("*.yaml")}
+
+    def value(v) -> str:  # in Hydra's override syntax
+        return QuotedString(text=v, quote=Quote.single).with_quotes() if isinstance(v, str) else json.dumps(v)
+
+    spelled = [f"data.{f.name}={value(data[f.name])}" for f in dataclasses.fields(DataConfig)
+               if f.name in data and f"data.{f.name}" not in given]
+    return [f"data={options.get(data['name'], data['name'])}", *spelled, *argv]
+
+
+main = command("evaluate", run, argv_hook=checkpoint_data)
 
 if __name__ == "__main__":
     main()

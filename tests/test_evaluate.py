@@ -83,3 +83,37 @@ def test_evaluates_a_checkpoint_and_writes_results(tiny_cfg, tmp_path):
     assert {k: scores[k] for k in ("Bleu_4", "ROUGE_L", "CIDEr")} == {k: again[k] for k in ("Bleu_4", "ROUGE_L", "CIDEr")}
     report = json.loads((tmp_path / "run" / "metrics_test_beam.json").read_text())
     assert report["scale"] == "0-1" and report["scores"]["Bleu_4"] == scores["Bleu_4"]
+
+
+def _evaluate(*args: str) -> subprocess.CompletedProcess:
+    from trainrun import ROOT, env
+
+    return subprocess.run([sys.executable, "-m", "captioner.evaluate", *args], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_data_keys_without_data_name_change_the_checkpoints_own_data_set(tmp_path):
+    from test_caption import untrained_checkpoint
+
+    trained_on = tmp_path / "where it was trained"  # never made: the evaluation reads the images moved
+    checkpoint = untrained_checkpoint(tmp_path / "best.pt", f"data.root={trained_on}", "data.num_train=4",
+                                      "data.num_val=2", "data.num_test=3", "data.image_size=32", "data.min_count=1")
+    moved = tmp_path / "moved"
+    proc = _evaluate(f"checkpoint={checkpoint}", f"data.root={moved}", "metrics=[bleu]", "tokenizer=python",
+                     "progress=false", "device=cpu", "decode.max_length=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "metrics_test_greedy.json").read_text())
+    # the checkpoint's shapes set (3 test images of 32 pixels), not conf/data/shapes.yaml's 250 of 128
+    assert report["data"] == "shapes" and report["num_images"] == 3
+    assert (moved / "features").is_dir() and not trained_on.exists()
+
+
+def test_data_keys_without_a_checkpoint_or_misspelled_are_one_line(tmp_path):
+    from test_caption import untrained_checkpoint
+    from trainrun import assert_one_line_error
+
+    checkpoint = untrained_checkpoint(tmp_path / "best.pt")
+    assert_one_line_error(_evaluate(f"checkpoint={checkpoint}", f"data.rot={tmp_path}"),
+                          "unknown config key 'data.rot'", "did you mean data.root?")
+    assert_one_line_error(_evaluate("results=r.json", "annotations=a.json", f"data.root={tmp_path}"),
+                          "data.root=... changes the checkpoint's data set: give checkpoint=PATH")
