@@ -54,9 +54,10 @@ def checkpoint_split(checkpoint: str, split: str, data_cfg=None, device: str | t
     if finetuned:
         features = compute_features(encoder, records, device=device, **extraction_options(enc))
     else:
-        features = split_features(encoder, records, feature_cache_dir(data_cfg, enc), split, device=device,
-                                  **extraction_options(enc),
-                                  progress=progress).features
+        # (data.on_bad_image=skip: unreadable images leave the split, as in training)
+        computed = split_features(encoder, records, feature_cache_dir(data_cfg, enc), split, device=device,
+                                  **extraction_options(enc), progress=progress, on_bad_image=data_cfg.on_bad_image)
+        records, features = computed.records, computed.features
     return model, vocab, ckpt_cfg, records, features
 
 
@@ -149,6 +150,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.results is not None:
         if cfg.annotations is None:
             raise ValueError("results=FILE needs annotations=FILE (a COCO-format captions file)")
+        if cfg.html:
+            raise ValueError("html=true needs checkpoint=PATH: the error page shows every image, and a results file "
+                             "with its annotations names none; drop html=true to score the file")
         scores = score_results_file(cfg.results, cfg.annotations, metrics=list(cfg.metrics), tokenizer=cfg.tokenizer)
     elif cfg.checkpoint is None:
         raise ValueError("give checkpoint=PATH (decode and score a split) or results=FILE annotations=FILE")

@@ -227,3 +227,39 @@ def test_an_out_dir_that_is_a_file_or_cannot_be_written_is_one_line(shapes_root,
     assert taken.read_text() == "mine"
     proc = run(shapes_root, tmp_path / "unused", *FAST, "train.out_dir=/proc/captioner-run")  # (proc: no new dirs)
     assert_one_line_error(proc, "train.out_dir=/proc/captioner-run cannot be written")
+
+
+def test_evaluate_in_results_mode_refuses_html_in_one_line(tmp_path):
+    from captioner.evaluate import run as evaluate_run
+
+    annotations = _write(tmp_path / "captions.json",
+                         '{"images": [{"id": 1}], "annotations": [{"image_id": 1, "caption": "a dog runs"}]}')
+    results = _write(tmp_path / "results.json", '[{"image_id": 1, "caption": "a dog runs"}]')
+    cfg = compose_config("evaluate", [f"results={results}", f"annotations={annotations}", "html=true",
+                                      "tokenizer=python", "metrics=[bleu]"])
+    with pytest.raises(ValueError, match="html=true needs checkpoint=PATH"):
+        evaluate_run(cfg)
+
+
+def test_evaluate_skips_unreadable_images_when_asked(tiny_cfg, tmp_path):
+    """data.on_bad_image=skip, which the unreadable-image line recommends, holds in evaluate too."""
+    from omegaconf import OmegaConf
+
+    from captioner.evaluate import evaluate_checkpoint
+    from captioner.data.images import BadImageError
+
+    cfg = tiny_cfg(*FAST, f"data.root={tmp_path / 'data'}")
+    train(cfg)
+    (tmp_path / "data" / "images" / "test_00003.png").write_bytes(b"broken")
+    (tmp_path / "data" / "features").rename(tmp_path / "old_features")  # the cache would still describe it
+    checkpoint = f"{cfg.train.out_dir}/best.pt"
+    with pytest.raises(BadImageError, match="test_00003.png"):
+        evaluate_checkpoint(checkpoint, split="test", metrics=("bleu",), tokenizer="python", device="cpu",
+                            progress=False, output_dir=str(tmp_path / "eval"))
+    skip = OmegaConf.merge(cfg.data, {"on_bad_image": "skip"})
+    scores = evaluate_checkpoint(checkpoint, split="test", data_cfg=skip, metrics=("bleu",), tokenizer="python",
+                                 device="cpu", progress=False, output_dir=str(tmp_path / "eval"))
+    assert 0.0 <= scores["Bleu_4"] <= 1.0
+    import json
+    report = json.loads((tmp_path / "eval" / "metrics_test_greedy.json").read_text())
+    assert report["num_images"] == 11  # 12 test images, one unreadable
