@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from captioner.io import markdown_text
+
 # config keys that say where or how a run ran, not what it computed (train.init_from is not one:
 # the checkpoint a run starts from is part of what it computes)
 BOOKKEEPING = ("train.seed", "train.out_dir", "train.resume", "train.progress", "train.log_every",
@@ -77,22 +79,44 @@ def _json(text: str, path: Path, line: Optional[int] = None):
         raise ValueError(f"{path}, line {line or err.lineno}: not JSON ({err.msg}, column {err.colno})") from None
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a Hydra config of a run is a few KB
+
+
+def read_config(path: Path):
+    """A Hydra YAML file of a run, read safely: plain data only (safe_load), at most
+    ``MAX_CONFIG_BYTES``, and no anchors or aliases, which Hydra never writes and which let a
+    kilobyte of YAML expand to gigabytes (an "alias bomb"): LeftOut naming the file otherwise."""
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
+                raise LeftOut(f"{path} uses YAML anchors or aliases, which Hydra never writes")
+            return super().compose_node(parent, index)
+
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise LeftOut(f"{path} is {path.stat().st_size} bytes, not a run's config")
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=NoAliases)  # noqa: S506 - a safe loader
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
+        raise LeftOut(f"{path} is not a readable YAML config ({type(err).__name__})") from None
+
+
 def is_training_job(path: Path) -> bool:
     """Whether Hydra's config in ``path`` is a training job's: ``captioner.extract`` composes the
     same config into its own run directories, which never have epochs."""
-    import yaml
-
     hydra_file = path / ".hydra" / "hydra.yaml"
     if not hydra_file.is_file():
         return True
-    job = (yaml.safe_load(hydra_file.read_text(encoding="utf-8")) or {}).get("hydra", {}).get("job", {})
+    try:
+        job = (read_config(hydra_file) or {}).get("hydra", {}).get("job", {})
+    except LeftOut:
+        return True  # load_run then says what is wrong with the run
     return job.get("name", "train") == "train"
 
 
 def load_run(path: Path) -> Run:
     """The run in ``path``; LeftOut when it has no finished epoch or no config."""
-    import yaml
-
     config_file = path / ".hydra" / "config.yaml"
     metrics = path / "metrics.jsonl"
     if not config_file.is_file():
@@ -103,7 +127,10 @@ def load_run(path: Path) -> Run:
                for number, line in enumerate(metrics.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
     if not history:
         raise LeftOut("metrics.jsonl is empty (no epoch finished)")
-    config = _flatten(yaml.safe_load(config_file.read_text(encoding="utf-8")) or {})
+    config = read_config(config_file)
+    if not isinstance(config, dict):
+        raise LeftOut(f"{config_file} is not a mapping of settings")
+    config = _flatten(config)
     monitor = f"val/{config.get('train.monitor', 'Bleu_4')}"
     best = max((row for row in history if monitor in row), key=lambda row: row[monitor], default=history[-1])
     figures = {k: v for k, v in best.items() if k.startswith("val/") and isinstance(v, (int, float))}
@@ -195,8 +222,8 @@ def table(groups: Sequence[Setting], figures: Optional[Sequence[str]] = None) ->
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines = ["| " + " | ".join(map(markdown_text, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(markdown_text, row)) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 

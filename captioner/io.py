@@ -55,6 +55,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         Path(tmp).write_text(text, encoding="utf-8")
 
 
+def markdown_text(text: object) -> str:
+    """``text`` for a Markdown document (a table cell, TensorBoard's text tab), shown literally: on
+    one line, a "|" cannot split a table row, and HTML is shown, never run, by a renderer that
+    keeps HTML."""
+    import html
+
+    text = html.escape(" ".join(str(text).split()), quote=False)
+    return text.replace("\\", "\\\\").replace("|", "\\|")
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file"):
     """The parsed contents of ``path``; a missing, unreadable or malformed file is one error that
     names the file (``what`` says which file it is meant to be)."""

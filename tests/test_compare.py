@@ -206,3 +206,34 @@ def test_compare_refuses_a_directory_that_does_not_exist(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stdout == "", proc
     assert proc.stderr == f"error: {missing}: no such directory\n"
+
+
+def test_config_values_are_written_into_the_table_escaped(tmp_path, capsys):
+    """A value with HTML and a "|" stays in its own cell: the columns keep their numbers, and a
+    Markdown renderer that keeps HTML shows the tag rather than running it."""
+    from captioner.compare import main
+
+    fake_run(tmp_path / "a", EPOCHS, train={"seed": 0}, model={"name": "<img src=x onerror=alert(1)>|x"})
+    fake_run(tmp_path / "b", EPOCHS, train={"seed": 0}, model={"name": "plain"})
+    main([str(tmp_path), "--out", str(tmp_path / "t")])
+    table = (tmp_path / "t.md").read_text().splitlines()
+    columns = table[0].count(" | ")
+    assert all(line.replace("\\|", "").count(" | ") == columns for line in table if line.startswith("| "))
+    assert "<img" not in "".join(table) and "&lt;img src=x onerror=alert(1)&gt;\\|x" in "".join(table)
+    with open(tmp_path / "t.csv", newline="") as f:  # the CSV keeps the value whole, by csv's own quoting
+        assert any("<img src=x onerror=alert(1)>|x" in cell for row in csv.reader(f) for cell in row)
+
+
+def test_a_yaml_alias_bomb_is_left_out_in_one_line(tmp_path, capsys):
+    from captioner.compare import main
+
+    fake_run(tmp_path / "good", EPOCHS, train={"seed": 0})
+    bomb = fake_run(tmp_path / "bomb", EPOCHS, train={"seed": 1})
+    levels = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]  # 9^9 strings
+    (bomb / ".hydra" / "config.yaml").write_text("\n".join(levels) + "\ntrain: {seed: 1}\n")
+    main([str(tmp_path), "--out", str(tmp_path / "t")])
+    out, err = capsys.readouterr()
+    assert "1 run, 1 setting, 1 run directory left out" in out
+    assert err.strip() == f"left out {bomb}: {bomb / '.hydra' / 'config.yaml'} uses YAML anchors or aliases, which " \
+                          "Hydra never writes"

@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
+from captioner.io import markdown_text
+
 log = logging.getLogger("captioner.training.board")
 
 CAPTIONS_SHOWN = 5  # validation images whose captions are logged each epoch
@@ -67,8 +69,9 @@ class Board:
         references = {r.image_id: r.captions for r in records}
         lines = []
         for result in results[:CAPTIONS_SHOWN]:
-            shown = "  \n".join(f"- {c}" for c in references.get(result["image_id"], [])[:3])
-            lines.append(f"**{result['image_id']}**: {result['caption']}  \n{shown}")
+            # (TensorBoard renders Markdown: captions and references are shown, never run as HTML)
+            shown = "  \n".join(f"- {markdown_text(c)}" for c in references.get(result["image_id"], [])[:3])
+            lines.append(f"**{markdown_text(result['image_id'])}**: {markdown_text(result['caption'])}  \n{shown}")
         self.writer.add_text("val/captions", "\n\n".join(lines), step)
         self.writer.flush()
 
