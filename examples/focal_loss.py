@@ -48,4 +48,5 @@ class FocalLoss(Objective):
         loss = -((1.0 - logprobs.exp()) ** self.gamma * logprobs).mean()
         if out.penalty is not None:  # the model's own loss terms (Show-Attend-Tell's attention penalty)
             loss = loss + out.penalty
-        return ObjectiveOutput(loss, int(where.sum()), {"token_prob": float(logprobs.detach().exp().mean())})
+        return ObjectiveOutput(loss, int(where.sum()), {"token_prob": float(logprobs.detach().exp().mean())},
+                               row_mean=out.penalty)  # (torchrun weights the penalty by rows, not tokens)

@@ -39,7 +39,7 @@ class TeacherForced(NamedTuple):
     """What ``Decoder.teacher_forced`` returns."""
 
     logits: torch.Tensor  # [n, V] at the positions ``where`` selects, row-major
-    penalty: Optional[torch.Tensor] = None  # the model's own loss terms (weighted, a scalar), or None
+    penalty: Optional[torch.Tensor] = None  # the model's own loss terms (weighted, a scalar: a mean over rows), or None
     attention: Optional[torch.Tensor] = None  # [B, T-1, R] (``attends``), over every position
 
 

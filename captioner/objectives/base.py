@@ -26,7 +26,7 @@ A class that lacks one of the three fails when it registers (``captioner.registr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -37,6 +37,10 @@ class ObjectiveOutput:
     loss: torch.Tensor  # the mean to minimize
     weight: int  # how many units the mean is over (the epoch mean and torchrun weight by it)
     figures: dict[str, float] = field(default_factory=dict)  # logged as train/<name>
+    # the part of ``loss`` that is a mean over the batch's rows instead (the decoder's own terms,
+    # ``TeacherForced.penalty``): torchrun weights it by each rank's share of the rows, as one
+    # process does, not by its share of ``weight`` (a rank of longer captions holds more tokens)
+    row_mean: Optional[torch.Tensor] = None
 
 
 @dataclass

@@ -40,4 +40,4 @@ class CrossEntropy(Objective):
         loss = F.cross_entropy(out.logits, targets, label_smoothing=self.label_smoothing)
         if out.penalty is not None:
             loss = loss + out.penalty
-        return ObjectiveOutput(loss, targets.numel())  # (numel: no extra reduction or sync)
+        return ObjectiveOutput(loss, targets.numel(), row_mean=out.penalty)  # (numel: no extra reduction or sync)

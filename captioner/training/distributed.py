@@ -12,7 +12,9 @@ How the pieces fit, so that N processes compute what one process would:
 - The loss is a mean over real tokens (the objective's weight) and shards hold different numbers
   of tokens, so ``DataParallelStep`` weights each rank's mean by its share of the
   global weight (one tiny all-reduce); DDP's gradient average is then exactly the gradient of
-  the global batch's per-token mean, the same as a single process (to rounding).
+  the global batch's per-token mean, the same as a single process (to rounding). A part of the
+  loss that is a mean over the batch's rows (``ObjectiveOutput.row_mean``: Show-Attend-Tell's
+  attention penalty) is weighted by each rank's share of the rows instead.
 - Validation decodes a slice of the images per rank and gathers the captions; every rank scores
   the whole split, so all ranks agree on the metric and on "best".
 - CNN fine-tuning (``encoder.finetune_after``): from that step the shards hold images and the
@@ -213,7 +215,8 @@ class DataParallelStep:
 
     The returned loss has the value of the global batch's mean (so logs, the NaN check and the
     epoch mean agree on every rank) and the gradient of this rank's weighted sum over the global
-    weight, times the world size that DDP's average divides by. ``weight`` is the global one.
+    weight (its ``row_mean`` part: over the global rows), times the world size that DDP's average
+    divides by. ``weight`` is the global one.
 
     Once ``encode_images_with(encoder)`` is called (CNN fine-tuning), batches hold images, which
     the encoder turns into features inside the step; the encoder is a DDP of its own, built then,
@@ -244,13 +247,19 @@ class DataParallelStep:
         if self.encode is not None:  # (a stand-in image too: the encoder's all-reduce needs every rank)
             batch = batch._replace(features=self.encode(batch.features))
         out = self.ddp(batch)
+        # each part of the loss by this rank's share of its own units: the mean over weight units
+        # (tokens) and the mean over rows (a decoder's penalty) of the global batch
+        row_mean = out.row_mean if out.row_mean is not None else out.loss.new_zeros(())
+        unit_mean = out.loss - row_mean
         n_local = 0 if empty else int(out.weight)
-        stats = torch.tensor([float(n_local), out.loss.detach().double().item() * n_local], dtype=torch.float64,
-                             device=self.device)
+        rows_local = 0 if empty else batch.features.size(0)
+        stats = torch.tensor([float(n_local), unit_mean.detach().double().item() * n_local, float(rows_local),
+                              row_mean.detach().double().item() * rows_local], dtype=torch.float64, device=self.device)
         dist.all_reduce(stats)
-        n_global, loss_sum = int(stats[0].item()), stats[1].item()
-        global_mean = loss_sum / max(n_global, 1)
-        scaled = out.loss * (n_local * self.world / max(n_global, 1))
+        n_global, rows_global = int(stats[0].item()), max(int(stats[2].item()), 1)
+        global_mean = stats[1].item() / max(n_global, 1) + stats[3].item() / rows_global
+        scaled = (unit_mean * (n_local * self.world / max(n_global, 1))
+                  + row_mean * (rows_local * self.world / rows_global))
         return ObjectiveOutput(scaled + (global_mean - scaled.detach()), n_global, out.figures)
 
 
