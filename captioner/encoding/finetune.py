@@ -38,13 +38,16 @@ class EncoderFineTuning:
                       steps_left: int = 0) -> Iterator[Batch]:
         """The rest of ``epoch`` from batch ``start``, the batches ``batches`` gives with each pair's
         image instead of its feature: uint8 images [B, 3, H, W] as the encoder crops them, read in
-        DataLoader workers (``encoder.normalize`` finishes them in the step); the encoder unfrozen."""
+        DataLoader workers (``encoder.normalize`` finishes them in the step). The encoder is
+        unfrozen here, at the call, before the batches are read: under torchrun its DDP is built
+        right after, from the parameters that need gradients then."""
         if self.encoder.frozen:
             self.encoder.unfreeze().train()
             log.info("fine-tuning the encoder from here on (encoder.finetune_lr=%g)", self.lr)
         rows_and_tokens = list(batches.epoch_rows(epoch, start))
-        if steps_left:
-            rows_and_tokens = rows_and_tokens[:steps_left]
+        return self._read(records, rows_and_tokens[:steps_left] if steps_left else rows_and_tokens)
+
+    def _read(self, records, rows_and_tokens: list) -> Iterator[Batch]:
         # A private generator: worker seeds must not draw from (and shift) the global RNG.
         loader = DataLoader(ImageFiles([r.path for r in records], self.encoder.crop),
                             batch_sampler=[rows.tolist() for rows, _ in rows_and_tokens],
