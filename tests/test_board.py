@@ -64,3 +64,27 @@ def test_without_the_package_training_is_unchanged_and_says_so_once(shapes_root,
     with pytest.raises(ValueError, match="train.tensorboard=true needs the tensorboard package"):
         train(cfg("required", "train.tensorboard=true"))
     assert not (tmp_path / "required" / "metrics.jsonl").exists()  # refused before any data work
+
+
+def test_a_resumed_run_drops_the_events_logged_after_its_checkpoint(tiny_cfg, tmp_path, monkeypatch, one_thread):
+    """A run that dies at step 7 with last.pt at step 4 has logged steps 5 and 6 already; resumed,
+    it drops them (purge_step) and logs them again, so every step shows once."""
+    from captioner.objectives.cross_entropy import CrossEntropy
+
+    original, calls = CrossEntropy.__call__, {"n": 0}
+
+    def dies_at_seven(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("killed")
+        return original(self, model, batch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CrossEntropy, "__call__", dies_at_seven)
+        with pytest.raises(RuntimeError, match="killed"):
+            train(tiny_cfg("train.log_every=0", "train.save_every=4"))
+    run_dir = tmp_path / "run"
+    assert load_checkpoint(run_dir / "last.pt")["step"] == 4
+    assert [s.step for s in events(run_dir).Scalars("train/step_loss")] == [1, 2, 3, 4, 5, 6]
+    final = train(tiny_cfg("train.log_every=0", "train.save_every=4", "train.resume=auto"))
+    assert [s.step for s in events(run_dir).Scalars("train/step_loss")] == list(range(1, final["step"] + 1))
