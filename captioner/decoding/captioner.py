@@ -108,7 +108,8 @@ class Captioner:
         (an attention decoder) adds "words" and "attention", each word's map over the regions."""
         cfg = decode_config(decode, **decode_options)
         if attention and not self.attends:
-            raise CaptionError(f"attention=true needs an attention checkpoint (model.name=show_attend_tell); "
+            raise CaptionError(f"attention=true needs an attention checkpoint (a decoder with attends = True, "
+                               f"such as model.name=show_attend_tell); "
                                f"this one's decoder is {type(self.model).__name__}")
         images = list(images)
         results: list[Optional[dict]] = [None] * len(images)

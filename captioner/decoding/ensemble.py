@@ -19,6 +19,8 @@ from captioner.decoding.search import DecodeOutput, generate
 
 
 class Ensemble(nn.Module):
+    attends = False  # the members' attention maps are not one model's
+
     def __init__(self, members: Sequence[nn.Module]):
         super().__init__()
         if len(members) < 2:
@@ -34,7 +36,6 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.vocab_size, self.feature_dim = vocab_sizes.pop(), feature_dims.pop()
         self.reads_grid = members[0].reads_grid
-        self.attends = False  # the members' maps are not one model's
 
     def init_state(self, features: torch.Tensor) -> tuple:
         return tuple(m.init_state(features) for m in self.members)
