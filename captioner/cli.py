@@ -78,9 +78,31 @@ def register_configs() -> None:
     OBJECTIVES.store_schemas(store)
 
 
+# What to lower when a command runs out of memory.
+MEMORY_KEYS = {"train": "train.batch_size or encoder.batch_size", "extract": "encoder.batch_size",
+               "evaluate": "decode.beam_size or decode.batch_size", "caption": "decode.beam_size or decode.batch_size"}
+
+
+def out_of_memory(err: BaseException) -> Optional[str]:
+    """The size an allocation that failed asked for ("2.8 GiB"; "" when not said), or None when
+    ``err`` is not a failed allocation (torch reports a CPU one as a plain RuntimeError)."""
+    import re
+
+    import torch
+
+    if not isinstance(err, (MemoryError, torch.OutOfMemoryError)) and not (
+            isinstance(err, RuntimeError) and "can't allocate memory" in str(err)):
+        return None
+    asked = re.search(r"allocate (\d+) bytes|allocate ([\d.]+ [KMGT]iB)", str(err))
+    if asked is None:
+        return ""
+    return asked.group(2) or f"{int(asked.group(1)) / 2**30:.1f} GiB"
+
+
 @contextlib.contextmanager
-def known_errors() -> Iterator[None]:
-    """Turn the known errors raised inside into ``error: ...`` + exit 1, a signal into 128 + signum."""
+def known_errors(config_name: str = "") -> Iterator[None]:
+    """Turn the known errors raised inside into ``error: ...`` + exit 1, a signal into 128 + signum,
+    a failed allocation into one line naming what to lower."""
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
         yield
@@ -98,6 +120,13 @@ def known_errors() -> Iterator[None]:
         if full:
             raise
         print_error(one_line(err))
+        raise SystemExit(1) from None
+    except (MemoryError, RuntimeError) as err:
+        asked = out_of_memory(err)
+        if full or asked is None:
+            raise
+        lower = MEMORY_KEYS.get(config_name, "the batch and beam sizes")
+        print_error(f"out of memory{f' (an allocation of {asked} failed)' if asked else ''}: lower {lower}")
         raise SystemExit(1) from None
 
 
@@ -200,7 +229,7 @@ def command(config_name: str, work: Callable[[Any], Any], *, preflight: Optional
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
     def hydra_main(cfg) -> None:
-        with known_errors():
+        with known_errors(config_name):
             work(cfg)
 
     def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from captioner.training.checkpoint import CheckpointError, load_checkpoint
+from captioner.training.checkpoint import CheckpointError, load_checkpoint, named_by
 from captioner.training.restore import restore_model
 from captioner.cli import UsageError, command
 from captioner.config import CONF_DIR, DataConfig, validate
@@ -39,7 +39,8 @@ def checkpoint_split(checkpoint: str, split: str, data_cfg=None, device: str | t
 
     Features come from the cache of the checkpoint's encoder, or are computed afresh when the
     checkpoint carries fine-tuned encoder weights (the cache describes the original ones).
-    ``data_cfg`` None means the data set the checkpoint was trained on.
+    ``data_cfg`` None means the data set the checkpoint was trained on. Where the checkpoint's
+    config names the data or the cache, they are only read (``checkpoint.named_by``).
     """
     from captioner.data import load_records
     from captioner.encoding.features import compute_features, extraction_options, feature_cache_dir, split_features
@@ -47,7 +48,7 @@ def checkpoint_split(checkpoint: str, split: str, data_cfg=None, device: str | t
     device = resolve_device(device)
     model, vocab, ckpt_cfg, encoder, finetuned = restore_model(checkpoint, device, with_encoder=True)  # (Restored)
     data_cfg = data_cfg if data_cfg is not None else ckpt_cfg.data
-    records = load_records(data_cfg).get(split)
+    records = load_records(data_cfg, generate=not named_by(ckpt_cfg, data_cfg.root)).get(split)
     if not records:
         raise ValueError(f"split={split!r}: data set {data_cfg.name!r} has no images in that split")
     enc = ckpt_cfg.encoder
@@ -55,8 +56,10 @@ def checkpoint_split(checkpoint: str, split: str, data_cfg=None, device: str | t
         features = compute_features(encoder, records, device=device, **extraction_options(enc))
     else:
         # (data.on_bad_image=skip: unreadable images leave the split, as in training)
-        computed = split_features(encoder, records, feature_cache_dir(data_cfg, enc), split, device=device,
-                                  **extraction_options(enc), progress=progress, on_bad_image=data_cfg.on_bad_image)
+        cache_dir = feature_cache_dir(data_cfg, enc)
+        computed = split_features(encoder, records, cache_dir, split, device=device, **extraction_options(enc),
+                                  progress=progress, on_bad_image=data_cfg.on_bad_image,
+                                  read_only=named_by(ckpt_cfg, cache_dir))
         records, features = computed.records, computed.features
     return model, vocab, ckpt_cfg, records, features
 

@@ -123,7 +123,7 @@ def test_a_folder_with_a_file_name_that_is_not_utf8_captions_the_rest_and_names_
 
     from trainrun import env
 
-    checkpoint = untrained_checkpoint(tmp_path / "best.pt")
+    checkpoint = untrained_checkpoint(tmp_path / "best.pt", "model.hidden_dim=512")
     folder = tmp_path / "photos"
     folder.mkdir()
     for name in ("a.png", "b.png"):
@@ -263,3 +263,91 @@ def test_evaluate_skips_unreadable_images_when_asked(tiny_cfg, tmp_path):
     import json
     report = json.loads((tmp_path / "eval" / "metrics_test_greedy.json").read_text())
     assert report["num_images"] == 11  # 12 test images, one unreadable
+
+
+# --- what a checkpoint names is read, never written ---
+
+def test_a_checkpoints_relative_data_root_generates_nothing_under_the_working_directory(tmp_path):
+    """The checkpoint says data.root=data/shapes (relative): evaluating it elsewhere used to
+    generate 2,500 images under the working directory."""
+    from test_caption import untrained_checkpoint
+
+    checkpoint = untrained_checkpoint(tmp_path / "theirs.pt")
+    assert_one_line_error(_evaluate(checkpoint, tmp_path), "data.root=data/shapes holds no shapes data set",
+                          "python -m captioner.extract data.root=data/shapes")
+    assert not (tmp_path / "data").exists() and not list(tmp_path.rglob("*.png"))  # (outputs/: Hydra's log)
+
+
+def test_a_checkpoints_own_folders_are_only_read(tmp_path):
+    """A checkpoint whose data.root and encoder.cache_dir name someone's folders: evaluate reads
+    the data there, computes the features it lacks in memory, and writes into neither; a data
+    root from the command line is generated as usual."""
+    from omegaconf import OmegaConf
+
+    from captioner.data.shapes import load_shapes
+    from captioner.evaluate import evaluate_checkpoint
+    from captioner.training.checkpoint import load_checkpoint
+
+    tiny = {"num_train": 48, "num_val": 12, "num_test": 12, "image_size": 64}
+    theirs, their_cache = tmp_path / "their_data", tmp_path / "their_cache"
+    load_shapes(str(theirs), tiny["num_train"], tiny["num_val"], tiny["num_test"], tiny["image_size"])
+    their_cache.mkdir()
+    (their_cache / "notes.txt").write_text("theirs")
+    before = snapshot(tmp_path)
+    checkpoint = _stranger(tmp_path, lambda c: (c["config"]["data"].update(root=str(theirs), **tiny),
+                                                c["config"]["encoder"].update(cache_dir=str(their_cache))))
+    options = dict(split="test", metrics=("bleu",), tokenizer="python", device="cpu", progress=False,
+                   output_dir=str(tmp_path / "eval"))
+    first = evaluate_checkpoint(str(checkpoint), **options)
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert not [k for k in after if k not in before and not k.startswith(("eval/", "theirs.pt"))], after
+
+    mine = OmegaConf.merge(load_checkpoint(checkpoint)["config"]["data"], {"root": str(tmp_path / "mine")})
+    assert evaluate_checkpoint(str(checkpoint), data_cfg=mine, **options) == first  # the same images, generated
+    assert (tmp_path / "mine" / "captions.json").is_file()
+    assert snapshot(their_cache) == {"notes.txt": before["their_cache/notes.txt"]}
+
+
+# --- sizes beyond the machine: one line, not an allocation traceback ---
+
+def _limited_memory(gib: int = 8):
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (gib << 30, gib << 30))
+    return limit
+
+
+def test_a_results_file_of_100_mb_under_a_memory_limit_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from trainrun import env
+
+    annotations = _write(tmp_path / "captions.json",
+                         '{"images": [{"id": 1}], "annotations": [{"image_id": 1, "caption": "a dog runs"}]}')
+    results = _write(tmp_path / "results.json", '[{"image_id": 1, "caption": "' + "a dog " * 17_500_000 + '"}]')
+    proc = subprocess.run([sys.executable, "-m", "captioner.evaluate", f"results={results}",
+                           f"annotations={annotations}", "tokenizer=python"], cwd=tmp_path, env=env(),
+                          capture_output=True, text=True, timeout=120, preexec_fn=_limited_memory())
+    assert_one_line_error(proc, f"{results}: entry 0 (image 1) has a caption of 105,000,000 characters")
+
+
+def test_a_beam_too_wide_for_memory_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from trainrun import env
+
+    from test_caption import untrained_checkpoint
+
+    checkpoint = untrained_checkpoint(tmp_path / "best.pt", "model.hidden_dim=512")
+    proc = subprocess.run([sys.executable, "-m", "captioner.evaluate", f"checkpoint={checkpoint}", "split=test",
+                           "decode=beam", "decode.beam_size=10000", "progress=false", "data=shapes",
+                           f"data.root={tmp_path / 'data'}", "data.num_train=4", "data.num_val=2",
+                           "data.num_test=100", "data.image_size=32", f"output_dir={tmp_path / 'eval'}"],
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=_limited_memory())
+    assert_one_line_error(proc, "out of memory (an allocation of", "lower decode.beam_size or decode.batch_size")
+    assert not (tmp_path / "eval").exists()

@@ -20,8 +20,9 @@ class ImageRecord:
     captions: list[str] = field(default_factory=list)
 
 
-def load_records(data_cfg) -> dict[str, list[ImageRecord]]:
-    """The captioned images of every split for a ``data`` config node."""
+def load_records(data_cfg, generate: bool = True) -> dict[str, list[ImageRecord]]:
+    """The captioned images of every split for a ``data`` config node. ``generate=False``: a
+    generated data set (shapes) must be there already; nothing is written."""
     from pathlib import Path
 
     root = Path(data_cfg.root)
@@ -33,7 +34,7 @@ def load_records(data_cfg) -> dict[str, list[ImageRecord]]:
         from captioner.data.shapes import load_shapes
 
         return load_shapes(str(root), data_cfg.num_train, data_cfg.num_val, data_cfg.num_test,
-                           data_cfg.image_size, data_cfg.seed)
+                           data_cfg.image_size, data_cfg.seed, generate=generate)
     if data_cfg.name == "flickr8k":
         from captioner.data.flickr8k import load_flickr8k
 

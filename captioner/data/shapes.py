@@ -130,18 +130,25 @@ def claim_folder(root: Path) -> None:
 
 
 def load_shapes(
-    root: str, num_train: int = 3000, num_val: int = 300, num_test: int = 300, image_size: int = 128, seed: int = 0
+    root: str, num_train: int = 3000, num_val: int = 300, num_test: int = 300, image_size: int = 128, seed: int = 0,
+    generate: bool = True,
 ) -> dict[str, list[ImageRecord]]:
     """Generate the data set under ``root`` unless an identical one is there, and return it. The
-    generator writes only into an empty folder or one it made (``claim_folder``)."""
+    generator writes only into an empty folder or one it made (``claim_folder``); with
+    ``generate=False`` (a root a stranger's checkpoint names) it writes nothing, and a data set
+    that is not there whole is a ValueError."""
     root_path = Path(root).resolve()
     settings = {"version": VERSION, "num": [num_train, num_val, num_test], "image_size": image_size, "seed": seed}
     index_file = root_path / "captions.json"
-    claim_folder(root_path)
     index = _index(index_file) if index_file.exists() else None
     if index is not None and index["settings"] == settings and all(
             (root_path / r["file"]).exists() for s in index["splits"].values() for r in s):
         return _records(root_path, index)
+    if not generate:
+        raise ValueError(f"data.root={root} holds no shapes data set of these settings, and it is a folder the "
+                         "checkpoint names, which is only read: give data.root=ANOTHER_DIR, or generate it there "
+                         f"yourself with `python -m captioner.extract data.root={root}`")
+    claim_folder(root_path)
 
     splits: dict[str, list[dict]] = {}
     image_id = 0

@@ -260,7 +260,7 @@ def split_features(encoder, records: Sequence[ImageRecord], cache_dir: str | Pat
                    dtype: str = "float16", batch_size: int = 32, num_workers: int = 0,
                    device: str | torch.device = "cpu", progress: bool = True, on_bad_image: str = "error",
                    fingerprint: Optional[str] = None, precision: str = "fp32", compile: bool = False,
-                   ctx: Optional[Dist] = None) -> SplitFeatures:
+                   ctx: Optional[Dist] = None, read_only: bool = False) -> SplitFeatures:
     """Features for ``records``, memory-mapped from the cache; computed (or resumed) if stale.
 
     With ``ctx`` (the ranks of a torchrun job, sharing ``cache_dir``) every rank encodes its
@@ -269,12 +269,15 @@ def split_features(encoder, records: Sequence[ImageRecord], cache_dir: str | Pat
 
     Unreadable images are named in the log as they are found; ``on_bad_image="error"`` raises one
     BadImageError naming all of them after the pass (which is kept, so switching to ``skip`` costs
-    no recomputation), ``"skip"`` drops them from ``.records`` and ``.features``."""
+    no recomputation), ``"skip"`` drops them from ``.records`` and ``.features``.
+
+    ``read_only``: a cache this process may not write (one a stranger's checkpoint names) is
+    used when it holds these features; otherwise they are computed in memory, and nothing is
+    written there."""
     records, ctx = list(records), ctx or Dist()
     if not records:
         raise ValueError(f"split {split!r} has no images")
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{encoder.cache_name}_{split}"
     final, manifest_path = cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json"
     # an extraction in progress: the array (a row per image), the manifest it is for, and one
@@ -305,7 +308,7 @@ def split_features(encoder, records: Sequence[ImageRecord], cache_dir: str | Pat
         if _describes(saved, key):
             if _open_array(final, (len(records) - len(saved.get("skipped", [])), *item_shape), dtype) is not None:
                 return saved.get("skipped", [])
-        if not encoder.grid and encoder.pooled_is_grid_mean:
+        if not encoder.grid and encoder.pooled_is_grid_mean and not read_only:
             derived = _pooled_from_grid(cache_dir / f"{encoder.cache_name}_grid_{split}", key, final, manifest_path)
             if derived is not None:
                 log.info("split %s: %s pooled features = the mean of the cached grid's regions (no CNN pass)",
@@ -356,6 +359,21 @@ def split_features(encoder, records: Sequence[ImageRecord], cache_dir: str | Pat
     def _progress_path(part: range) -> Path:
         return cache_dir / f"{stem}.partial.{part.start}-{part.stop}.json"
 
+    if read_only:
+        skipped = cached()
+        if skipped is not None:
+            return finish(skipped, open_cache(final))
+        log.info("split %s: %s features computed in memory, not cached: %s is named by the checkpoint, which is "
+                 "only read", split, encoder.name, cache_dir)
+        start = time.perf_counter()
+        features, bad = _encode_in_memory(encoder, records, dtype, batch_size=batch_size, num_workers=num_workers,
+                                          device=device, precision=precision, compile=compile)
+        skipped = [{"index": i, "path": records[i].path, "error": error} for i, error in bad]
+        for s in skipped:
+            log.warning("unreadable image: %s", s["error"])
+        kept = np.setdiff1d(np.arange(len(records)), [s["index"] for s in skipped])
+        return finish(skipped, features[kept], len(records), time.perf_counter() - start)
+    cache_dir.mkdir(parents=True, exist_ok=True)
     # Rank 0 holds the cache's lock throughout; the other ranks of its job follow its decisions.
     with _locked(cache_dir / f".{stem}.lock") if ctx.is_main else contextlib.nullcontext():
         skipped = ctx.on_main(cached)
@@ -432,10 +450,20 @@ def compute_features(encoder, records: Sequence[ImageRecord], *, dtype: str = "f
     which a cache keyed by the original weights does not describe. Rounded to ``dtype`` as the
     cache is, so decoding them gives the captions ``Captioner`` gives; any unreadable image is an
     error."""
-    out = np.zeros((len(records), *encoder.feature_shape), dtype=np.float32)
-    for indices, feats, bad in encode_images(encoder, [r.path for r in records], batch_size, num_workers, device,
-                                             precision=precision, compile=compile):
-        if bad:
-            raise BadImageError(bad[0][1])
-        out[indices] = feats.to(getattr(torch, dtype)).float().cpu().numpy()
+    out, bad = _encode_in_memory(encoder, records, dtype, batch_size=batch_size, num_workers=num_workers,
+                                 device=device, precision=precision, compile=compile)
+    if bad:
+        raise BadImageError(bad[0][1])
     return out
+
+
+def _encode_in_memory(encoder, records: Sequence[ImageRecord], dtype: str, **options) -> tuple[np.ndarray, list]:
+    """(float32 features rounded to ``dtype``, zero rows for the unreadable images; [(index, error)]
+    of those)."""
+    out = np.zeros((len(records), *encoder.feature_shape), dtype=np.float32)
+    unreadable = []
+    for indices, feats, bad in encode_images(encoder, [r.path for r in records], **options):
+        unreadable += bad
+        if feats is not None:
+            out[indices] = feats.to(getattr(torch, dtype)).float().cpu().numpy()
+    return out, unreadable

@@ -129,15 +129,22 @@ def score_results_file(results_json: Union[str, os.PathLike], annotations_json: 
     return score_captions(references, candidates, metrics=metrics, tokenizer=tokenizer)
 
 
+# Longer is not a caption; ROUGE-L's and METEOR's alignments take memory quadratic in its length.
+MAX_CAPTION_CHARS = 10_000
+
+
 def _check_entries(entries: list, path) -> None:
-    """Every entry's image_id a number or a string and its caption a string: the first that is
-    not is one error naming the file and the entry."""
+    """Every entry's image_id a number or a string and its caption a string of at most
+    ``MAX_CAPTION_CHARS``: the first that is not is one error naming the file and the entry."""
     for i, entry in enumerate(entries):
         image_id, caption = entry["image_id"], entry["caption"]
         if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
             raise ValueError(f"{path}: entry {i} has image_id {_short(image_id)}, not a number or a string")
         if not isinstance(caption, str):
             raise ValueError(f"{path}: entry {i} (image {image_id!r}) has caption {_short(caption)}, not a string")
+        if len(caption) > MAX_CAPTION_CHARS:
+            raise ValueError(f"{path}: entry {i} (image {image_id!r}) has a caption of {len(caption):,} characters, "
+                             f"not a caption (at most {MAX_CAPTION_CHARS:,} are scored)")
         try:
             caption.encode("utf-8")
         except UnicodeEncodeError:

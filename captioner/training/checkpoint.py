@@ -177,3 +177,13 @@ def check_vocabulary(ckpt: dict[str, Any], path: str | Path, vocab_words: list[s
     raise CheckpointError(
         f"{path} was trained with another vocabulary ({len(saved)} words; this data gives {len(vocab_words)}; "
         f"{where}): resume with the data and data.min_count it was trained on, or use a new train.out_dir")
+
+
+def named_by(config: DictConfig, path: str | Path) -> bool:
+    """Whether ``path`` lies at or under a location the checkpoint's ``config`` names (its
+    ``data.root``, its ``encoder.cache_dir``). A checkpoint may come from anyone: what it names is
+    only ever read, never written (relative names resolve against the working directory, as on
+    the command line)."""
+    named = [OmegaConf.select(config, key) for key in ("data.root", "encoder.cache_dir")]
+    target = Path(path).resolve()
+    return any(target == Path(p).resolve() or Path(p).resolve() in target.parents for p in named if p)
