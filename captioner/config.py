@@ -176,6 +176,11 @@ class DecodeConfig:
     length_penalty: str = choice("none", ("none", "average", "gnmt"))
     alpha: float = at_least(0.7, 0.0)  # GNMT length-penalty exponent
     n_best: int = at_least(1, 1)
+    # diverse beam search: the beam in groups of beam_size / groups, each group's log-probabilities
+    # lowered by diversity for every time the groups before it chose the word at the same step
+    groups: int = at_least(1, 1)
+    diversity: float = at_least(0.0, 0.0)
+    repetition_penalty: float = at_least(1.0, 1.0)  # a word's probability / this per earlier use; 1: off
     block_trigrams: bool = False
     ban_unk: bool = False
     seed: int = 0
@@ -185,6 +190,8 @@ class DecodeConfig:
     def check(node) -> Optional[str]:
         if node.method == "beam" and node.n_best > node.beam_size:
             return f"n_best={node.n_best}: must be between 1 and decode.beam_size={node.beam_size}"
+        if node.method == "beam" and node.groups >= 1 and node.beam_size % node.groups:  # (< 1: its field's problem)
+            return f"groups={node.groups}: must divide decode.beam_size={node.beam_size}"
         return None
 
 

@@ -75,17 +75,21 @@ OUT_OF_RANGE = {
                "objective.cider_weight=0 and objective.bleu_weight=0: the reward would be 0; give one a weight"),
               ("model=show_attend_tell model.attention_penalty=-1",
                "model.attention_penalty=-1.0: must be at least 0.0"),
-              ("model=show_attend_tell model.attention_dim=0", "model.attention_dim=0: must be at least 1")],
+              ("model=show_attend_tell model.attention_dim=0", "model.attention_dim=0: must be at least 1"),
+              ("decode.diversity=-1", "decode.diversity=-1.0: must be at least 0.0")],
     "extract": [("encoder.batch_size=0", "encoder.batch_size=0: must be at least 1"),
                 ("data.max_length=0", "data.max_length=0: must be at least 1"),
                 ("encoder.crop_pct=0", "encoder.crop_pct=0.0: must be in (0.0, 1.0]")],
     "evaluate": [("decode.beam_size=0", "decode.beam_size=0: must be at least 1"),
                  ("decode.top_p=0", "decode.top_p=0.0: must be in (0.0, 1.0]"),
                  ("decode=beam decode.n_best=5", "decode.n_best=5: must be between 1 and decode.beam_size=3"),
+                 ("decode=beam decode.groups=2", "decode.groups=2: must divide decode.beam_size=3"),
+                 ("decode.groups=0", "decode.groups=0: must be at least 1"),
                  ("tokenizer=perl", "tokenizer='perl': choose one of auto, java, python")],
     "caption": [("batch_size=0", "batch_size=0: must be at least 1"),
                 ("decode.temperature=0", "decode.temperature=0.0: must be greater than 0.0"),
-                ("decode.max_length=0", "decode.max_length=0: must be at least 1")],
+                ("decode.max_length=0", "decode.max_length=0: must be at least 1"),
+                ("decode.repetition_penalty=0.5", "decode.repetition_penalty=0.5: must be at least 1.0")],
 }
 
 
