@@ -8,8 +8,8 @@ different settings. The table has a row per setting, named by the config values 
 between settings, with the mean and standard deviation over its runs of each figure and the
 number of runs; a figure that only some of the runs have says over how many its mean is
 ("0.5120 ± 0.0040 (2 of 3)"). Figures: the validation metrics of each run's best epoch (by its
-``train.monitor``), and the scores of any ``metrics_<split>_<decode>.json`` that
-``captioner.evaluate`` wrote in the run directory; BLEU-4 and CIDEr of each unless ``--figures``
+``train.monitor``), and the scores and diversity figures (``test_beam/distinct_2``) of any
+``metrics_<split>_<decode>.json`` that ``captioner.evaluate`` wrote in the run directory; BLEU-4 and CIDEr of each unless ``--figures``
 names others. A training run directory without a finished epoch (no or an empty
 ``metrics.jsonl``), or a ``metrics.jsonl`` without its config, is left out with one line on
 stderr saying why. Writes ``PREFIX.md`` and ``PREFIX.csv`` with the same table and
@@ -138,7 +138,7 @@ def load_run(path: Path) -> Run:
     for scores in sorted(path.glob("metrics_*_*.json")):  # captioner.evaluate: metrics_<split>_<decode>.json
         split_decode = scores.stem.removeprefix("metrics_")
         report = _json(scores.read_text(encoding="utf-8"), scores)
-        for name, value in report.get("scores", {}).items():
+        for name, value in {**report.get("scores", {}), **report.get("diversity", {})}.items():
             if isinstance(value, (int, float)):
                 figures[f"{split_decode}/{name}"] = float(value)
     return Run(path, config, history, figures)

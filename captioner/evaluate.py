@@ -4,13 +4,14 @@
     python -m captioner.evaluate results=captions_results.json annotations=captions_val2014.json
     python -m captioner.evaluate checkpoint=a/best.pt 'ensemble=[b/best.pt,c/best.pt]' decode=beam
 
-The first decodes the split through ``captioner.training.engine.evaluate`` (the same path as validation
-during training) and writes ``results_<split>_<decode>.json`` (COCO results format) and
-``metrics_<split>_<decode>.json`` beside the checkpoint (``..._ensemble<N>.json`` for an
-ensemble of N models). ``data=NAME`` evaluates on that data set's config instead of the
-checkpoint's; ``data.KEY=VALUE`` without it changes a key of the checkpoint's own data set
-(``data.root=DIR``: its images moved elsewhere). The second scores any results file the
-way the coco-caption toolkit does.
+The first decodes the split through ``captioner.evaluation.loop.evaluate`` (the same path as
+validation during training) and writes ``results_<split>_<decode>.json`` (COCO results format)
+and ``metrics_<split>_<decode>.json`` beside the checkpoint (``..._ensemble<N>.json`` for an
+ensemble of N models): the scores, the captions' diversity (``captioner.evaluation.diversity``)
+and the data config, from which ``captioner.significance`` reads the references again.
+``data=NAME`` evaluates on that data set's config instead of the checkpoint's; ``data.KEY=VALUE``
+without it changes a key of the checkpoint's own data set (``data.root=DIR``: its images moved
+elsewhere). The second scores any results file the way the coco-caption toolkit does.
 """
 from __future__ import annotations
 
@@ -99,6 +100,8 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", decode_cfg=None, d
     """Decode ``split`` with the checkpoint's model (with the ``ensemble`` checkpoints' models,
     as one ensemble, when given) and score it; returns the scores. ``html`` also writes the
     error-analysis page (``captioner.evaluation.analysis``), with attention strips for an attention decoder."""
+    from captioner.data import load_records
+    from captioner.evaluation.diversity import diversity
     from captioner.evaluation.loop import evaluate
 
     device = resolve_device(device)
@@ -116,11 +119,15 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", decode_cfg=None, d
     results_file, metrics_file = out / f"results_{tag}.json", out / f"metrics_{tag}.json"
     coco = [{k: v for k, v in r.items() if k not in ("words", "attention")} for r in results]
     atomic_write_text(results_file, json.dumps(coco, ensure_ascii=False))
+    training = [c for r in load_records(data_cfg, generate=False).get("train", []) for c in r.captions]
+    variety = diversity([r["caption"] for r in results], training)
     report = {"checkpoint": str(checkpoint), **({"ensemble": list(ensemble)} if ensemble else {}),
-              "split": split, "data": data_cfg.name, "num_images": len(records),
-              "decode": OmegaConf.to_container(decode_cfg), "scale": "0-1", "scores": scores}
+              "split": split, "data": data_cfg.name, "data_config": OmegaConf.to_container(data_cfg),
+              "num_images": len(records), "decode": OmegaConf.to_container(decode_cfg), "scale": "0-1",
+              "scores": scores, "diversity": variety}
     atomic_write_text(metrics_file, json.dumps(report, indent=1))
     log.info("%s images of %s/%s: %s", len(records), data_cfg.name, split, format_scores(scores))
+    log.info("diversity: %s", " | ".join(f"{k} {v:.4g}" for k, v in variety.items()))
     log.info("wrote %s and %s", results_file, metrics_file)
     if html:
         page = error_page(out / f"errors_{tag}.html", results, records, scores, tokenizer, ckpt_cfg,

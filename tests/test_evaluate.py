@@ -83,6 +83,17 @@ def test_evaluates_a_checkpoint_and_writes_results(tiny_cfg, tmp_path):
     assert {k: scores[k] for k in ("Bleu_4", "ROUGE_L", "CIDEr")} == {k: again[k] for k in ("Bleu_4", "ROUGE_L", "CIDEr")}
     report = json.loads((tmp_path / "run" / "metrics_test_beam.json").read_text())
     assert report["scale"] == "0-1" and report["scores"]["Bleu_4"] == scores["Bleu_4"]
+    from captioner.evaluation.diversity import diversity
+
+    training = [c for r in load_records(cfg.data)["train"] for c in r.captions]
+    assert report["diversity"] == diversity([r["caption"] for r in results], training)
+    # the data config it records gives captioner.significance the same references again
+    from captioner.evaluation.significance import intervals
+    from captioner.significance import evaluated_references
+
+    assert evaluated_references(tmp_path / "run" / "results_test_beam.json") == references
+    bleu4 = intervals(references, {r["image_id"]: r["caption"] for r in results}, 50, tokenizer="python")[0]
+    assert bleu4.score == scores["Bleu_4"] and bleu4.low <= bleu4.score <= bleu4.high
 
 
 def _evaluate(*args: str) -> subprocess.CompletedProcess:

@@ -28,7 +28,8 @@ from pycocoevalcap.tokenizer import ptbtokenizer
 
 from captioner.data.tokenizer import PUNCTUATIONS, as_line, tokenize_lines
 
-__all__ = ["METRICS", "score_captions", "image_scores", "score_results_file", "format_scores", "java_available"]
+__all__ = ["METRICS", "score_captions", "image_scores", "tokenized", "tokenized_captions", "score_results_file",
+           "read_results", "read_references", "format_scores", "java_available"]
 
 # Metric name -> the score keys it produces, in the toolkit's order.
 METRICS: dict[str, tuple[str, ...]] = {
@@ -62,8 +63,7 @@ def score_captions(references: Mapping[ImageId, Sequence[str]], candidates: Mapp
     port: same tokens, no Java start-up) or "auto" (Java when there is one).
     """
     metrics = _check_metrics(metrics)
-    gts_raw, res_raw = _select(references, candidates)
-    gts, res = _tokenize(gts_raw, res_raw, _resolve_tokenizer(tokenizer))
+    gts, res = tokenized(references, candidates, tokenizer)
 
     scores: Scores = {}
     for metric in metrics:
@@ -78,14 +78,21 @@ def image_scores(references: Mapping[ImageId, Sequence[str]], candidates: Mappin
     (document frequencies from the references of all the images), and BLEU-4 of the image's
     sentence ("closest" reference length), the toolkit's per-sentence BLEU (the corpus BLEU pools
     the n-gram counts instead, so it is not their mean)."""
-    gts_raw, res_raw = _select(references, candidates)
-    gts, res = _tokenize(gts_raw, res_raw, _resolve_tokenizer(tokenizer))
+    gts, res = tokenized(references, candidates, tokenizer)
     _, cider = Cider().compute_score(gts, res)  # (in the order of gts' keys)
     scorer = BleuScorer(n=4)
     for image_id in gts:
         scorer += (res[image_id][0], gts[image_id])
     _, per_sentence = scorer.compute_score(option="closest", verbose=0)
     return {image_id: {"CIDEr": float(c), "Bleu_4": float(b)} for image_id, c, b in zip(gts, cider, per_sentence[3])}
+
+
+def tokenized(references: Mapping[ImageId, Sequence[str]], candidates: Mapping[ImageId, str],
+              tokenizer: str = "auto") -> tuple[dict, dict]:
+    """({image: [tokenized reference, ...]}, {image: [tokenized candidate]}) of the candidates'
+    images, in the candidates' order: what the toolkit's scorers read."""
+    gts_raw, res_raw = _select(references, candidates)
+    return _tokenize(gts_raw, res_raw, _resolve_tokenizer(tokenizer))
 
 
 def score_results_file(results_json: Union[str, os.PathLike], annotations_json: Union[str, os.PathLike],
@@ -95,28 +102,23 @@ def score_results_file(results_json: Union[str, os.PathLike], annotations_json: 
     Results are ``[{"image_id": ..., "caption": ...}, ...]`` with one caption per image; only
     the images in the results are scored, in the annotation file's image order (as the toolkit).
     """
+    references = read_references(annotations_json)
+    by_image = read_results(results_json)
+    _check_subset(by_image, references, f"{results_json}: images missing from {annotations_json}")
+    candidates = {image_id: by_image[image_id] for image_id in references if image_id in by_image}
+    return score_captions(references, candidates, metrics=metrics, tokenizer=tokenizer)
+
+
+def read_results(results_json: Union[str, os.PathLike]) -> dict[ImageId, str]:
+    """{image_id: caption} of a COCO results file, each entry checked (one caption per image)."""
     from captioner.io import read_json
 
     results = read_json(results_json, "results file")
-    annotations = read_json(annotations_json, "annotations file")
     if not isinstance(results, list) or not all(isinstance(r, dict) and {"image_id", "caption"} <= set(r)
                                                 for r in results):
         raise ValueError(f"results file {results_json} is not in the COCO results format "
                          '([{"image_id": ..., "caption": ...}, ...])')
-    if not isinstance(annotations, dict) or not isinstance(annotations.get("annotations"), list) or not all(
-            isinstance(a, dict) and {"image_id", "caption"} <= set(a) for a in annotations["annotations"]):
-        raise ValueError(f"annotations file {annotations_json} is not a COCO captions file "
-                         '({"images": [...], "annotations": [{"image_id": ..., "caption": ...}, ...]})')
     _check_entries(results, results_json)
-    _check_entries(annotations["annotations"], annotations_json)
-
-    references: dict[ImageId, list[str]] = {}
-    for image in annotations.get("images", []):
-        if isinstance(image, dict) and "id" in image:
-            references[image["id"]] = []
-    for ann in annotations["annotations"]:
-        references.setdefault(ann["image_id"], []).append(ann["caption"])
-
     by_image: dict[ImageId, str] = {}
     for item in results:
         image_id = item["image_id"]
@@ -124,9 +126,26 @@ def score_results_file(results_json: Union[str, os.PathLike], annotations_json: 
             raise ValueError(f"{results_json}: image {image_id!r} has more than one caption; "
                              "the toolkit scores exactly one caption per image")
         by_image[image_id] = item["caption"]
-    _check_subset(by_image, references, f"{results_json}: images missing from {annotations_json}")
-    candidates = {image_id: by_image[image_id] for image_id in references if image_id in by_image}
-    return score_captions(references, candidates, metrics=metrics, tokenizer=tokenizer)
+    return by_image
+
+
+def read_references(annotations_json: Union[str, os.PathLike]) -> dict[ImageId, list[str]]:
+    """{image_id: [caption, ...]} of a COCO captions file, in its image order, each entry checked."""
+    from captioner.io import read_json
+
+    annotations = read_json(annotations_json, "annotations file")
+    if not isinstance(annotations, dict) or not isinstance(annotations.get("annotations"), list) or not all(
+            isinstance(a, dict) and {"image_id", "caption"} <= set(a) for a in annotations["annotations"]):
+        raise ValueError(f"annotations file {annotations_json} is not a COCO captions file "
+                         '({"images": [...], "annotations": [{"image_id": ..., "caption": ...}, ...]})')
+    _check_entries(annotations["annotations"], annotations_json)
+    references: dict[ImageId, list[str]] = {}
+    for image in annotations.get("images", []):
+        if isinstance(image, dict) and "id" in image:
+            references[image["id"]] = []
+    for ann in annotations["annotations"]:
+        references.setdefault(ann["image_id"], []).append(ann["caption"])
+    return references
 
 
 # Longer is not a caption; ROUGE-L's and METEOR's alignments take memory quadratic in its length.
@@ -224,6 +243,12 @@ def _tokenize(gts: dict, res: dict, tokenizer: str) -> tuple[dict, dict]:
     # As COCOEvalCap: references and candidates are tokenized separately, each as one file.
     tokenize_file = _java_tokenize_lines if tokenizer == "java" else tokenize_lines
     return _tokenize_captions(gts, tokenize_file), _tokenize_captions(res, tokenize_file)
+
+
+def tokenized_captions(captions_for_image: Mapping[ImageId, Sequence[str]], tokenizer: str = "auto") -> dict:
+    """{image: [caption, ...]} tokenized as one file, as ``tokenized`` tokenizes each side."""
+    resolved = _resolve_tokenizer(tokenizer)
+    return _tokenize_captions(dict(captions_for_image), _java_tokenize_lines if resolved == "java" else tokenize_lines)
 
 
 def _tokenize_captions(captions_for_image: dict, tokenize_file) -> dict:
