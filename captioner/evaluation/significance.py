@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.cider.cider_scorer import precook
 from pycocoevalcap.rouge.rouge import Rouge
 
 from captioner.evaluation.metrics import ImageId, tokenized, tokenized_captions
@@ -62,15 +63,6 @@ def _csr(rows: list[int], cols: list[int], values: list[float], shape: tuple[int
                                        shape).coalesce().to_sparse_csr()
 
 
-def _ngrams(caption: str) -> dict[tuple, int]:
-    words = caption.split()
-    counts: dict[tuple, int] = defaultdict(int)
-    for n in range(1, ORDERS + 1):
-        for i in range(len(words) - n + 1):
-            counts[tuple(words[i : i + n])] += 1
-    return counts
-
-
 def _bigrams(counts: dict[tuple, int]) -> int:
     """CIDEr-D's caption "length": its number of bigrams (the toolkit counts order 2)."""
     return sum(v for g, v in counts.items() if len(g) == 2)
@@ -82,7 +74,7 @@ class CiderReferences:
 
     def __init__(self, references: Sequence[Sequence[str]]):
         self.num_images = len(references)
-        self.counts = [[_ngrams(r) for r in refs] for refs in references]
+        self.counts = [[precook(r) for r in refs] for refs in references]
         images_of: dict[tuple, set] = defaultdict(set)
         for i, refs in enumerate(self.counts):
             for ref in refs:
@@ -150,7 +142,7 @@ class CiderCandidates:
 
     def __init__(self, refs: CiderReferences, captions: Sequence[str]):
         self.refs = refs
-        self.counts = [_ngrams(c) for c in captions]
+        self.counts = [precook(c) for c in captions]
         refs.extend([g for i, c in enumerate(self.counts) for g in c if g in refs.only_in and refs.only_in[g] != i])
 
     def finish(self) -> None:
