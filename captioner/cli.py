@@ -21,7 +21,7 @@ import signal
 import sys
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from captioner.config import CONF_DIR, CaptionRunConfig, EvaluateRunConfig, TrainRunConfig, validate
+from captioner.config import CONF_DIR, CaptionRunConfig, DemoRunConfig, EvaluateRunConfig, TrainRunConfig, validate
 from captioner.encoding.encoders import WeightsUnavailableError
 from captioner.models import MODELS
 from captioner.objectives import OBJECTIVES
@@ -74,6 +74,7 @@ def register_configs() -> None:
     store.store(name="train_schema", node=TrainRunConfig)
     store.store(name="evaluate_schema", node=EvaluateRunConfig)
     store.store(name="caption_schema", node=CaptionRunConfig)
+    store.store(name="demo_schema", node=DemoRunConfig)
     MODELS.store_schemas(store)
     OBJECTIVES.store_schemas(store)
 

@@ -295,6 +295,38 @@ class CaptionRunConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
+@dataclass
+class DemoConfig:
+    """What the live demo serves on, and what one request may cost the server."""
+
+    host: str = "127.0.0.1"  # 0.0.0.0: every network interface (anyone who can reach the machine)
+    port: int = between(7860, 1, 65535)
+    max_batch_size: int = at_least(16, 1)  # requests waiting in the queue decoded together
+    max_upload_mb: float = above(10.0, 0.0)
+    max_megapixels: float = above(50.0, 0.0)
+    # the encoder resizes the shorter side first: a 1 x 10,000 image would be 256 x 2,560,000 pixels
+    max_aspect_ratio: float = at_least(20.0, 1.0)
+    max_beam_size: int = at_least(10, 1)  # the page's largest beam (and n-best)
+
+
+@dataclass
+class DemoRunConfig:
+    """python -m captioner.demo checkpoint=PATH"""
+
+    checkpoint: Optional[str] = None  # a .pt written by training (best.pt or last.pt)
+    checkpoints: list[str] = field(default_factory=list)  # more, each captioning the same photo beside it
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    decode: DecodeConfig = field(default_factory=DecodeConfig)  # the page's settings when it opens
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+    @staticmethod
+    def check(node) -> Optional[str]:
+        if node.decode.beam_size > node.demo.max_beam_size:
+            return (f"decode.beam_size={node.decode.beam_size}: must be at most "
+                    f"demo.max_beam_size={node.demo.max_beam_size}")
+        return None
+
+
 def decode_config(decode: Any = None, **overrides) -> DictConfig:
     """A typed, checked ``decode`` node: the schema's defaults, then ``decode`` (a DecodeConfig, a
     mapping or a DictConfig), then ``overrides``. A misspelled option or a bad value fails here."""

