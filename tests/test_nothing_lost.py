@@ -344,9 +344,9 @@ def test_a_beam_too_wide_for_memory_is_one_line(tmp_path):
 
     checkpoint = untrained_checkpoint(tmp_path / "best.pt", "model.hidden_dim=512")
     proc = subprocess.run([sys.executable, "-m", "captioner.evaluate", f"checkpoint={checkpoint}", "split=test",
-                           "decode=beam", "decode.beam_size=10000", "progress=false", "data=shapes",
+                           "decode=beam", "decode.beam_size=100000", "progress=false", "data=shapes",
                            f"data.root={tmp_path / 'data'}", "data.num_train=4", "data.num_val=2",
-                           "data.num_test=100", "data.image_size=32", f"output_dir={tmp_path / 'eval'}"],
+                           "data.num_test=10", "data.image_size=32", f"output_dir={tmp_path / 'eval'}"],
                           cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300,
                           preexec_fn=_limited_memory())
     assert_one_line_error(proc, "out of memory (an allocation of", "lower decode.beam_size or decode.batch_size")
