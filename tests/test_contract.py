@@ -128,6 +128,26 @@ def test_a_decoder_written_to_the_contract_goes_through_every_path(root, runs, m
     _ensembles(root, runs["gru"], runs["sat"], "gru")
 
 
+# The built-in decoders researchers compare against (captioner/models/att2in.py), written
+# against the same contract, through the same paths as the example decoder (their arithmetic and
+# decoding: tests/test_attention_family.py).
+BUILT_IN = {"att2in": ["model=att2in", "model.attention_dim=16"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_each_built_in_attention_decoder_goes_through_every_path(root, name, monkeypatch, one_thread):
+    """Trains (the loss falls), resumes bitwise from a SIGINT mid-epoch, evaluates greedy and beam
+    with the error page's attention strips, captions a folder with its attention PNGs, and takes
+    SCST from its checkpoint."""
+    _resumes_bitwise(root, name, CrossEntropy, monkeypatch, *BUILT_IN[name])
+    history = load_checkpoint(root / f"{name}_straight" / "last.pt")["history"]
+    assert len(history) == 2 and history[1]["train/loss"] < history[0]["train/loss"]
+    checkpoint = root / f"{name}_straight" / "best.pt"
+    _evaluates_and_captions(root, checkpoint, name, attends=True)
+    _takes_scst(root, checkpoint, name, *BUILT_IN[name])
+
+
 def test_an_objective_written_to_the_contract_goes_through_every_path(root, runs, monkeypatch, one_thread):
     history = load_checkpoint(runs["focal"])["history"]
     assert "train/token_prob" in history[0]  # its figures are logged like the built-in ones'

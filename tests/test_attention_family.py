@@ -1,0 +1,242 @@
+"""The attention decoders researchers compare against (Att2in): each one's own arithmetic
+against an independent statement of it (the paper's gate structure), attention that is a
+distribution over the regions, per-image work done once per image, and the decoding protocol:
+batched beam search returns the per-image reference search's hypotheses, a batch captions as its
+images one at a time. (Training, resume, evaluation, captioning and SCST of each:
+test_contract.py.)"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner.config import validate
+from captioner.data.vocab import BOS_ID, EOS_ID, PAD_ID
+from captioner.decoding.search import draw, generate
+from captioner.models import MODELS, build_model, reads_grid, shape_keys
+from captioner.models.att2in import Att2in
+from conftest import compose_config, cross_entropy_loss
+from test_decoding import reference_beam
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB, REGIONS, CHANNELS = 14, 9, 10
+
+# name -> (class, its tiny keyword arguments)
+DECODERS = {
+    "att2in": (Att2in, {"embed_dim": 8, "hidden_dim": 12, "attention_dim": 6}),
+}
+NAMES = list(DECODERS)
+# (the <eos> bias, the weights' scale, a seed offset) for each: captions of many lengths, below
+TEST_WEIGHTS = {
+    "att2in": (2.0, 0.5, 0),
+}
+# the modules that read the regions alone: run once per image, never per step or per beam
+PER_IMAGE = {
+    "att2in": ["region_key"],
+}
+
+
+def make_model(name: str, seed=0, dropout=0.0):
+    """Random float64 weights with peaked distributions (as test_attention's make_model), so
+    captions end at different lengths and beams disagree."""
+    eos_bias, scale, offset = TEST_WEIGHTS[name]
+    torch.manual_seed(seed + offset)
+    cls, options = DECODERS[name]
+    model = cls(VOCAB, CHANNELS, dropout=dropout, **options).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, scale)
+        model.output.weight.mul_(3.0)
+        model.output.bias[EOS_ID] += eos_bias
+    return model.eval()
+
+
+def regions(n=6, seed=1) -> torch.Tensor:
+    return torch.randn(n, REGIONS, CHANNELS, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def captions(n=6, length=7, seed=2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(4, VOCAB, (n, length + 2), generator=g)
+    tokens[:, 0] = BOS_ID
+    for i in range(n):  # different lengths: <eos> then padding
+        end = 2 + i % length
+        tokens[i, end] = EOS_ID
+        tokens[i, end + 1 :] = PAD_ID
+    return tokens
+
+
+# --- the registry, the config files --------------------------------------------------------------
+
+@pytest.mark.parametrize("name, cls", [("att2in", Att2in)])
+def test_registered_from_the_real_conf_reading_the_grid(name, cls):
+    cfg = compose_config("train", [f"model={name}"])
+    assert MODELS.get(name) is cls and cls.reads_grid and cls.attends
+    assert reads_grid(cfg.model)
+    model = build_model(cfg.model, VOCAB, 1280)
+    assert type(model) is cls and cfg.model.hidden_dim == cfg.model.embed_dim == 512
+    assert {"embed_dim", "hidden_dim"} <= set(shape_keys(name))
+    assert cfg.model.dropout == 0.5
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_every_registered_model_composes_validates_and_builds(name):
+    """Each registered decoder has its conf/model/<name>.yaml, which composes into a valid node
+    of its schema and builds the class that registered."""
+    assert (ROOT / "conf" / "model" / f"{name}.yaml").is_file()
+    cfg = compose_config("train", [f"model={name}", "model.embed_dim=16", "model.hidden_dim=24"])
+    validate(cfg)
+    model = build_model(cfg.model, VOCAB, CHANNELS)
+    assert isinstance(model, MODELS.get(name)) and model.vocab_size == VOCAB and model.feature_dim == CHANNELS
+
+
+# --- the shared properties ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shapes_and_a_gradient_for_every_parameter(name):
+    model = make_model(name, dropout=0.3).train()
+    feats, tokens = regions(), captions()
+    assert model(feats, tokens).shape == (6, tokens.size(1) - 1, VOCAB)
+    loss, n = cross_entropy_loss(model, feats, tokens)
+    assert n == int((tokens[:, 1:] != PAD_ID).sum())
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and bool(p.grad.abs().sum() > 0), pname
+
+
+@pytest.mark.parametrize("name", NAMES)
+@torch.no_grad()
+def test_step_by_step_equals_teacher_forcing(name):
+    model, feats, tokens = make_model(name), regions(), captions()
+    where = tokens[:, 1:] != PAD_ID
+    forced = model.teacher_forced(feats, tokens, where)
+    assert forced.penalty is None
+    state, logits = model.init_state(feats), []
+    for t in range(tokens.size(1) - 1):
+        step, state = model.step(tokens[:, t], state)
+        logits.append(step)
+        torch.testing.assert_close(state.attention, forced.attention[:, t], rtol=0, atol=1e-12)
+    torch.testing.assert_close(forced.logits, torch.stack(logits, dim=1)[where], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_attention_weights_are_a_distribution_over_regions(name):
+    model, feats = make_model(name), regions()
+    maps = model.attention_maps(feats, captions())
+    assert maps.shape == (6, 8, REGIONS)
+    assert bool((maps >= 0).all())
+    torch.testing.assert_close(maps.sum(dim=2), torch.ones(6, 8, dtype=torch.float64), rtol=0, atol=1e-12)
+    # recomputed at every step of every image, not once per caption or per batch
+    assert not torch.allclose(maps[:, 0], maps[:, 1]) and not torch.allclose(maps[0], maps[1])
+    _, state = model.next_logprobs(torch.full((6,), BOS_ID), model.init_state(feats))
+    torch.testing.assert_close(state.attention, maps[:, 0])  # a step leaves the weights it used
+
+
+def count_calls(model, names: list[str]) -> dict:
+    """The batch sizes each of ``names`` (submodules) was called with, as the model runs."""
+    calls = {n: [] for n in names}
+    for n in names:
+        getattr(model, n).register_forward_hook(lambda m, args, out, n=n: calls[n].append(args[0].size(0)))
+    return calls
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_regions_are_read_once_per_image(name):
+    """What depends on the regions alone (their embedding, refinement, keys and values) is computed
+    once per image in init_state and carried in the state: not again per word, nor per beam."""
+    model, feats = make_model(name), regions(4)
+    calls = count_calls(model, PER_IMAGE[name])
+    generate(model, feats, method="beam", beam_size=3, max_length=9)
+    assert calls == {n: [4] for n in PER_IMAGE[name]}
+    calls = count_calls(model, PER_IMAGE[name])  # (new hooks: only these are counted from here)
+    generate(model, feats, method="greedy", max_length=9)
+    model.attention_maps(feats, captions(4))
+    assert calls == {n: [4, 4] for n in PER_IMAGE[name]}
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("name", NAMES)
+def test_batched_beam_matches_the_per_image_reference(name, k):
+    model, feats, max_length = make_model(name, seed=k), regions(seed=k + 10), 9
+    out = generate(model, feats, method="beam", beam_size=k, max_length=max_length, n_best=k)
+    n_best = out.n_best or [[(seq, score)] for seq, score in zip(out.sequences, out.scores)]
+    lengths = set()
+    for b in range(feats.size(0)):
+        ref = reference_beam(model, feats[b : b + 1], k, max_length)
+        assert [ids for ids, _ in n_best[b]] == [words for _, words in ref]
+        assert [s for _, s in n_best[b]] == pytest.approx([s for s, _ in ref], rel=1e-12, abs=1e-12)
+        lengths |= {len(ids) for ids, _ in n_best[b]}
+    if k > 1:
+        assert len(lengths) > 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_beam_one_is_greedy_and_a_batch_is_its_images(name):
+    model, feats = make_model(name, seed=5), regions(9, seed=5)
+    greedy = generate(model, feats, method="greedy", max_length=10)
+    beam = generate(model, feats, method="beam", beam_size=1, max_length=10)
+    assert beam.sequences == greedy.sequences
+    assert beam.scores == pytest.approx(greedy.scores, rel=1e-12, abs=1e-12)
+    assert len({len(s) for s in greedy.sequences}) > 1
+    for method in ("greedy", "beam"):
+        batch = generate(model, feats, method=method, beam_size=3, max_length=10)
+        one_by_one = [generate(model, feats[i : i + 1], method=method, beam_size=3, max_length=10)
+                      for i in range(feats.size(0))]
+        assert batch.sequences == [o.sequences[0] for o in one_by_one]
+        assert batch.scores == pytest.approx([o.scores[0] for o in one_by_one], rel=1e-12, abs=1e-12)
+    # SCST's sampling: each image reads its own uniforms, so its samples are its own alone
+    uniforms = torch.rand(9, 11, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    batch = draw(model, feats, uniforms, max_length=10)
+    for i in range(feats.size(0)):
+        alone = draw(model, feats[i : i + 1], uniforms[i : i + 1], max_length=10)
+        assert alone.sequences == [batch.sequences[i]]
+        assert alone.scores == pytest.approx([batch.scores[i]], rel=1e-12, abs=1e-12)
+    assert len({tuple(s) for s in batch.sequences}) > 1
+
+
+# --- each decoder's own arithmetic --------------------------------------------------------------
+
+@torch.no_grad()
+def test_att2in_the_context_enters_the_cell_input_only():
+    """Rennie et al.'s Att2in: the gates see the word and h, the context only the candidate.
+    From the same (h, c) and word, with other regions: the output gate h / tanh(c') and the
+    forget gate's share c'(c) - c'(0) are unchanged while the state moves; with the context's
+    weights cleared the regions change nothing at all (their attention weights still move)."""
+    model, tokens = make_model("att2in"), captions()
+    state = model.init_state(regions(seed=1))
+    for t in range(3):  # a state with h and c away from zero
+        _, state = model.step(tokens[:, t], state)
+    h, c = state.h, state.c
+
+    def step(feats, c0):
+        fresh = model.init_state(feats)
+        return model.step(tokens[:, 3], fresh._replace(h=h, c=c0))[1]
+
+    one, other = regions(seed=7), regions(seed=8)
+    a, b = step(one, c), step(other, c)
+    assert (a.c - b.c).abs().max() > 1e-3 and (a.attention - b.attention).abs().max() > 1e-3
+    torch.testing.assert_close(a.h / torch.tanh(a.c), b.h / torch.tanh(b.c), rtol=1e-9, atol=1e-12)  # sigmoid(o)
+    zero = torch.zeros_like(c)
+    torch.testing.assert_close(a.c - step(one, zero).c, b.c - step(other, zero).c, rtol=0, atol=1e-12)  # sigmoid(f) c
+    # the candidate: the maxout of two units, of the word, h and the context
+    sums = model.word_gates(model.embed(tokens[:, 3])) + model.hidden_gates(h)
+    context = torch.einsum("br,brd->bd", a.attention, one)
+    i = torch.sigmoid(sums[:, :12])
+    g1, g2 = (sums[:, 36:] + model.context_cell(context)).chunk(2, dim=1)
+    torch.testing.assert_close(step(one, zero).c, i * torch.maximum(g1, g2), rtol=0, atol=1e-12)
+    model.context_cell.weight.zero_()
+    a, b = step(one, c), step(other, c)
+    torch.testing.assert_close(a.h, b.h, rtol=0, atol=0)
+    assert (a.attention - b.attention).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_att2in_attends_from_the_previous_hidden_state():
+    model, feats, tokens = make_model("att2in"), regions(), captions()
+    state = model.init_state(feats)
+    for t in range(3):
+        energy = model.score(torch.tanh(model.region_key(feats) + model.hidden_query(state.h)[:, None])).squeeze(2)
+        _, state = model.step(tokens[:, t], state)
+        torch.testing.assert_close(state.attention, energy.softmax(dim=1), rtol=0, atol=1e-12)
+    assert torch.equal(model.init_state(feats).h, torch.zeros(6, 12, dtype=torch.float64))
