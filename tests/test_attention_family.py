@@ -1,9 +1,9 @@
-"""The attention decoders researchers compare against (Att2in): each one's own arithmetic
-against an independent statement of it (the paper's gate structure), attention that is a
-distribution over the regions, per-image work done once per image, and the decoding protocol:
-batched beam search returns the per-image reference search's hypotheses, a batch captions as its
-images one at a time. (Training, resume, evaluation, captioning and SCST of each:
-test_contract.py.)"""
+"""The attention decoders researchers compare against (Att2in, Up-Down): each one's own
+arithmetic against an independent statement of it (nn.LSTMCell, the paper's gate structure),
+attention that is a distribution over the regions, per-image work done once per image, and the
+decoding protocol: batched beam search returns the per-image reference search's hypotheses, a
+batch captions as its images one at a time. (Training, resume, evaluation, captioning and SCST of
+each: test_contract.py.)"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,6 +16,7 @@ from captioner.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from captioner.decoding.search import draw, generate
 from captioner.models import MODELS, build_model, reads_grid, shape_keys
 from captioner.models.att2in import Att2in
+from captioner.models.updown import UpDown
 from conftest import compose_config, cross_entropy_loss
 from test_decoding import reference_beam
 
@@ -25,15 +26,18 @@ VOCAB, REGIONS, CHANNELS = 14, 9, 10
 # name -> (class, its tiny keyword arguments)
 DECODERS = {
     "att2in": (Att2in, {"embed_dim": 8, "hidden_dim": 12, "attention_dim": 6}),
+    "updown": (UpDown, {"embed_dim": 8, "hidden_dim": 12, "attention_dim": 6}),
 }
 NAMES = list(DECODERS)
 # (the <eos> bias, the weights' scale, a seed offset) for each: captions of many lengths, below
 TEST_WEIGHTS = {
     "att2in": (2.0, 0.5, 0),
+    "updown": (2.0, 0.5, 0),
 }
 # the modules that read the regions alone: run once per image, never per step or per beam
 PER_IMAGE = {
     "att2in": ["region_key"],
+    "updown": ["region_key"],
 }
 
 
@@ -69,7 +73,7 @@ def captions(n=6, length=7, seed=2) -> torch.Tensor:
 
 # --- the registry, the config files --------------------------------------------------------------
 
-@pytest.mark.parametrize("name, cls", [("att2in", Att2in)])
+@pytest.mark.parametrize("name, cls", [("att2in", Att2in), ("updown", UpDown)])
 def test_registered_from_the_real_conf_reading_the_grid(name, cls):
     cfg = compose_config("train", [f"model={name}"])
     assert MODELS.get(name) is cls and cls.reads_grid and cls.attends
@@ -240,3 +244,25 @@ def test_att2in_attends_from_the_previous_hidden_state():
         _, state = model.step(tokens[:, t], state)
         torch.testing.assert_close(state.attention, energy.softmax(dim=1), rtol=0, atol=1e-12)
     assert torch.equal(model.init_state(feats).h, torch.zeros(6, 12, dtype=torch.float64))
+
+
+@torch.no_grad()
+def test_updown_is_two_lstm_cells_around_additive_attention():
+    """Anderson et al.'s top-down model, step by step against nn.LSTMCell with the same weights:
+    the attention LSTM on [language h; mean region; word], additive attention from its new h, the
+    language LSTM on [attended region; attention h], the logits from the language h."""
+    model, feats, tokens = make_model("updown"), regions(), captions()
+    lang = model.lang_cell
+    state = model.init_state(feats)
+    for t in range(5):
+        logits, after = model.step(tokens[:, t], state)
+        x = torch.cat([state.lang_h, feats.mean(dim=1), model.embed(tokens[:, t])], dim=1)
+        att_h, att_c = model.att_cell(x, (state.att_h, state.att_c))
+        energy = model.score(torch.tanh(model.region_key(feats) + model.hidden_query(att_h)[:, None])).squeeze(2)
+        alpha = energy.softmax(dim=1)
+        lang_h, lang_c = lang(torch.cat([torch.einsum("br,brd->bd", alpha, feats), att_h], dim=1),
+                              (state.lang_h, state.lang_c))
+        for got, want in ((after.att_h, att_h), (after.att_c, att_c), (after.attention, alpha),
+                          (after.lang_h, lang_h), (after.lang_c, lang_c), (logits, model.output(lang_h))):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        state = after

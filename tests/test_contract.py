@@ -128,10 +128,11 @@ def test_a_decoder_written_to_the_contract_goes_through_every_path(root, runs, m
     _ensembles(root, runs["gru"], runs["sat"], "gru")
 
 
-# The built-in decoders researchers compare against (captioner/models/att2in.py), written
-# against the same contract, through the same paths as the example decoder (their arithmetic and
-# decoding: tests/test_attention_family.py).
-BUILT_IN = {"att2in": ["model=att2in", "model.attention_dim=16"]}
+# The built-in decoders researchers compare against (captioner/models/att2in.py, updown.py),
+# written against the same contract, through the same paths as the example decoder (their
+# arithmetic and decoding: tests/test_attention_family.py).
+BUILT_IN = {"att2in": ["model=att2in", "model.attention_dim=16"],
+            "updown": ["model=updown", "model.attention_dim=16"]}
 
 
 @pytest.mark.slow
