@@ -1,20 +1,24 @@
-"""The attention decoders researchers compare against (Att2in, Up-Down): each one's own
-arithmetic against an independent statement of it (nn.LSTMCell, the paper's gate structure),
-attention that is a distribution over the regions, per-image work done once per image, and the
-decoding protocol: batched beam search returns the per-image reference search's hypotheses, a
-batch captions as its images one at a time. (Training, resume, evaluation, captioning and SCST of
-each: test_contract.py.)"""
+"""The attention decoders researchers compare against (Att2in, Up-Down, AoA): each one's own
+arithmetic against an independent statement of it (nn.LSTMCell, nn.MultiheadAttention, the
+paper's gate structure), attention that is a distribution over the regions, per-image work done
+once per image, and the decoding protocol: batched beam search returns the per-image reference
+search's hypotheses, a batch captions as its images one at a time, ensembles of them beam-search
+as the reference. (Training, resume, evaluation, captioning and SCST of each: test_contract.py.)"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from captioner.config import validate
 from captioner.data.vocab import BOS_ID, EOS_ID, PAD_ID
+from captioner.decoding.ensemble import Ensemble
 from captioner.decoding.search import draw, generate
 from captioner.models import MODELS, build_model, reads_grid, shape_keys
+from captioner.models.aoa import AoA
 from captioner.models.att2in import Att2in
 from captioner.models.updown import UpDown
 from conftest import compose_config, cross_entropy_loss
@@ -23,21 +27,27 @@ from test_decoding import reference_beam
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, REGIONS, CHANNELS = 14, 9, 10
 
-# name -> (class, its tiny keyword arguments)
+# name -> (class, its tiny keyword arguments); aoa twice: the decoder alone and with the refiner
 DECODERS = {
     "att2in": (Att2in, {"embed_dim": 8, "hidden_dim": 12, "attention_dim": 6}),
     "updown": (UpDown, {"embed_dim": 8, "hidden_dim": 12, "attention_dim": 6}),
+    "aoa": (AoA, {"embed_dim": 8, "hidden_dim": 12, "heads": 3}),
+    "aoa_refine": (AoA, {"embed_dim": 8, "hidden_dim": 12, "heads": 3, "refine": True, "refine_layers": 2}),
 }
 NAMES = list(DECODERS)
 # (the <eos> bias, the weights' scale, a seed offset) for each: captions of many lengths, below
 TEST_WEIGHTS = {
     "att2in": (2.0, 0.5, 0),
     "updown": (2.0, 0.5, 0),
+    "aoa": (3.0, 0.5, 0),
+    "aoa_refine": (5.0, 0.5, 10),
 }
 # the modules that read the regions alone: run once per image, never per step or per beam
 PER_IMAGE = {
     "att2in": ["region_key"],
     "updown": ["region_key"],
+    "aoa": ["region_embed", "key_value"],
+    "aoa_refine": ["region_embed", "refiner", "key_value"],
 }
 
 
@@ -73,7 +83,7 @@ def captions(n=6, length=7, seed=2) -> torch.Tensor:
 
 # --- the registry, the config files --------------------------------------------------------------
 
-@pytest.mark.parametrize("name, cls", [("att2in", Att2in), ("updown", UpDown)])
+@pytest.mark.parametrize("name, cls", [("att2in", Att2in), ("updown", UpDown), ("aoa", AoA)])
 def test_registered_from_the_real_conf_reading_the_grid(name, cls):
     cfg = compose_config("train", [f"model={name}"])
     assert MODELS.get(name) is cls and cls.reads_grid and cls.attends
@@ -93,6 +103,11 @@ def test_every_registered_model_composes_validates_and_builds(name):
     validate(cfg)
     model = build_model(cfg.model, VOCAB, CHANNELS)
     assert isinstance(model, MODELS.get(name)) and model.vocab_size == VOCAB and model.feature_dim == CHANNELS
+
+
+def test_heads_must_divide_the_hidden_size():
+    with pytest.raises(ValueError, match=r"^model.heads=5: must divide model.hidden_dim=512$"):
+        validate(compose_config("train", ["model=aoa", "model.heads=5"]))
 
 
 # --- the shared properties ----------------------------------------------------------------------
@@ -199,6 +214,17 @@ def test_beam_one_is_greedy_and_a_batch_is_its_images(name):
     assert len({tuple(s) for s in batch.sequences}) > 1
 
 
+def test_an_ensemble_of_the_three_beam_searches_as_the_per_image_reference():
+    """Each member's state, nested in the ensemble's, follows the beam's back-pointers."""
+    ensemble = Ensemble([make_model("att2in", seed=1), make_model("updown", seed=2), make_model("aoa", seed=3)])
+    feats = regions(seed=4)
+    out = generate(ensemble, feats, method="beam", beam_size=3, max_length=9, n_best=3)
+    for b in range(feats.size(0)):
+        ref = reference_beam(ensemble, feats[b : b + 1], 3, 9)
+        assert [ids for ids, _ in out.n_best[b]] == [words for _, words in ref]
+        assert [s for _, s in out.n_best[b]] == pytest.approx([s for s, _ in ref], rel=1e-12, abs=1e-12)
+
+
 # --- each decoder's own arithmetic --------------------------------------------------------------
 
 @torch.no_grad()
@@ -266,3 +292,59 @@ def test_updown_is_two_lstm_cells_around_additive_attention():
                           (after.lang_h, lang_h), (after.lang_c, lang_c), (logits, model.output(lang_h))):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
         state = after
+
+
+def _multihead_reference(model: AoA) -> nn.MultiheadAttention:
+    """torch's own nn.MultiheadAttention with the AoA decoder's projections (query from h, keys
+    and values from the regions A) and no output projection."""
+    dim = model.hidden_dim
+    mha = nn.MultiheadAttention(dim, model.heads, batch_first=True).double()
+    mha.in_proj_weight.copy_(torch.cat([model.query.weight, model.key_value.weight]))
+    mha.in_proj_bias.copy_(torch.cat([model.query.bias, model.key_value.bias]))
+    mha.out_proj.weight.copy_(torch.eye(dim, dtype=torch.float64))
+    mha.out_proj.bias.zero_()
+    return mha.eval()
+
+
+@pytest.mark.parametrize("name", ["aoa", "aoa_refine"])
+@torch.no_grad()
+def test_aoa_is_an_lstm_multi_head_attention_and_the_gated_information(name):
+    """Huang et al.'s decoder step against nn.LSTMCell and nn.MultiheadAttention with the same
+    weights: the LSTM on [word; mean of A + c_{t-1}], multi-head attention from its new h over A
+    (the weights reported: the mean over heads), c_t = W_i[ctx; h] * sigmoid(W_g[ctx; h]) gives
+    the logits and the next step's input."""
+    model, feats, tokens = make_model(name), regions(), captions()
+    A = model.regions(feats)
+    state = model.init_state(feats)
+    for t in range(5):
+        logits, after = model.step(tokens[:, t], state)
+        x = torch.cat([model.embed(tokens[:, t]), A.mean(dim=1) + state.context], dim=1)
+        h, c = model.cell(x, (state.h, state.c))
+        mha = _multihead_reference(model)
+        ctx, weights = mha(h[:, None], A, A, need_weights=True, average_attn_weights=True)
+        information, gate = model.aoa(torch.cat([ctx[:, 0], h], dim=1)).chunk(2, dim=1)
+        context = information * torch.sigmoid(gate)
+        for got, want in ((after.h, h), (after.c, c), (after.attention, weights[:, 0]), (after.context, context),
+                          (logits, model.output(context))):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        state = after
+    assert model.heads == 3  # several heads: their mean is what sums to 1
+
+
+@torch.no_grad()
+def test_aoa_refiner_blocks_are_self_attention_with_aoa_a_residual_and_layer_norm():
+    """The paper's refining block: A' = LayerNorm(A + AoA(f_mh-att(W_Q A, W_K A, W_V A), A)), as
+    nn.MultiheadAttention computes the self-attention; the decoder reads the last block's A."""
+    model, feats = make_model("aoa_refine"), regions()
+    A = torch.relu(model.region_embed(feats))
+    for block in model.refiner:
+        mha = nn.MultiheadAttention(12, 3, batch_first=True).double().eval()
+        mha.in_proj_weight.copy_(block.qkv.weight)
+        mha.in_proj_bias.copy_(block.qkv.bias)
+        mha.out_proj.weight.copy_(torch.eye(12, dtype=torch.float64))
+        mha.out_proj.bias.zero_()
+        attended, _ = mha(A, A, A, need_weights=False)
+        information, gate = block.aoa(torch.cat([attended, A], dim=-1)).chunk(2, dim=-1)
+        A = F.layer_norm(A + information * torch.sigmoid(gate), (12,), block.norm.weight, block.norm.bias)
+    torch.testing.assert_close(model.regions(feats), A, rtol=0, atol=1e-12)
+    assert not torch.allclose(A, torch.relu(model.region_embed(feats)))

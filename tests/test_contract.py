@@ -128,11 +128,13 @@ def test_a_decoder_written_to_the_contract_goes_through_every_path(root, runs, m
     _ensembles(root, runs["gru"], runs["sat"], "gru")
 
 
-# The built-in decoders researchers compare against (captioner/models/att2in.py, updown.py),
-# written against the same contract, through the same paths as the example decoder (their
-# arithmetic and decoding: tests/test_attention_family.py).
+# The built-in decoders researchers compare against (captioner/models/att2in.py, updown.py,
+# aoa.py), written against the same contract, through the same paths as the example decoder
+# (their arithmetic and decoding: tests/test_attention_family.py).
 BUILT_IN = {"att2in": ["model=att2in", "model.attention_dim=16"],
-            "updown": ["model=updown", "model.attention_dim=16"]}
+            "updown": ["model=updown", "model.attention_dim=16"],
+            "aoa": ["model=aoa"],
+            "aoa_refine": ["model=aoa", "model.refine=true", "model.refine_layers=2"]}
 
 
 @pytest.mark.slow
