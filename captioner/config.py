@@ -133,7 +133,7 @@ class EncoderConfig:
     pretrained: bool = True
     weights: Optional[str] = None  # a local state-dict file instead of the download
     # preprocessing, as timm names it: a square input_size-pixel crop of the centre crop_pct of
-    # the image (null: the encoder's standard, 224 px of the centre 0.875)
+    # the image (null: the encoder's own, e.g. VGG's 224 px of the centre 0.875, Lite2's 260 of 292)
     input_size: Optional[int] = at_least(None, 32)
     crop_pct: Optional[float] = between(None, 0.0, 1.0, low_open=True)
     batch_size: int = at_least(32, 1)  # feature extraction
