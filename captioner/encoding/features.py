@@ -365,14 +365,8 @@ def split_features(encoder, records: Sequence[ImageRecord], cache_dir: str | Pat
             return finish(skipped, open_cache(final))
         log.info("split %s: %s features computed in memory, not cached: %s is named by the checkpoint, which is "
                  "only read", split, encoder.name, cache_dir)
-        start = time.perf_counter()
-        features, bad = _encode_in_memory(encoder, records, dtype, batch_size=batch_size, num_workers=num_workers,
-                                          device=device, precision=precision, compile=compile)
-        skipped = [{"index": i, "path": records[i].path, "error": error} for i, error in bad]
-        for s in skipped:
-            log.warning("unreadable image: %s", s["error"])
-        kept = np.setdiff1d(np.arange(len(records)), [s["index"] for s in skipped])
-        return finish(skipped, features[kept], len(records), time.perf_counter() - start)
+        return finish(*_uncached(encoder, records, dtype, batch_size=batch_size, num_workers=num_workers,
+                                 device=device, precision=precision, compile=compile))
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Rank 0 holds the cache's lock throughout; the other ranks of its job follow its decisions.
     with _locked(cache_dir / f".{stem}.lock") if ctx.is_main else contextlib.nullcontext():
@@ -455,6 +449,18 @@ def compute_features(encoder, records: Sequence[ImageRecord], *, dtype: str = "f
     if bad:
         raise BadImageError(bad[0][1])
     return out
+
+
+def _uncached(encoder, records: Sequence[ImageRecord], dtype: str, **options) -> tuple[list[dict], np.ndarray, int, float]:
+    """(the unreadable images, the features of the others, images encoded, seconds): a split's
+    features computed in memory, as the cache would hold them."""
+    start = time.perf_counter()
+    features, bad = _encode_in_memory(encoder, records, dtype, **options)
+    skipped = [{"index": i, "path": records[i].path, "error": error} for i, error in bad]
+    for s in skipped:
+        log.warning("unreadable image: %s", s["error"])
+    kept = np.setdiff1d(np.arange(len(records)), [s["index"] for s in skipped])
+    return skipped, features[kept], len(records), time.perf_counter() - start
 
 
 def _encode_in_memory(encoder, records: Sequence[ImageRecord], dtype: str, **options) -> tuple[np.ndarray, list]:
