@@ -339,17 +339,8 @@ def split_features(encoder, records: Sequence[ImageRecord], cache_dir: str | Pat
         if not skipped:
             _fsync(partial)
             os.replace(partial, final)
-        else:  # copy the rows of the readable images into an array of the right length
-            keep = np.setdiff1d(np.arange(len(records)), [s["index"] for s in skipped])
-            out = open_cache(partial)
-            with atomic_path(final) as tmp:
-                dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, *item_shape))
-                for s in range(0, rows, 1 << 14):
-                    dst[s : s + (1 << 14)] = out[keep[s : s + (1 << 14)]]
-                dst.flush()
-                del dst
-            del out
-            partial.unlink()
+        else:
+            _copy_rows(partial, final, np.setdiff1d(np.arange(len(records)), [s["index"] for s in skipped]))
         atomic_write_text(manifest_path, json.dumps({**key, "rows": rows, "skipped": skipped}, indent=1))
         for part in parts:
             _progress_path(part).unlink(missing_ok=True)
@@ -449,6 +440,20 @@ def compute_features(encoder, records: Sequence[ImageRecord], *, dtype: str = "f
     if bad:
         raise BadImageError(bad[0][1])
     return out
+
+
+def _copy_rows(partial: Path, final: Path, keep: np.ndarray) -> None:
+    """Write the rows ``keep`` of the array ``partial`` (those of the readable images) as the
+    array ``final``, atomically, a slice at a time, then remove ``partial``."""
+    out = open_cache(partial)
+    with atomic_path(final) as tmp:
+        dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=out.dtype, shape=(len(keep), *out.shape[1:]))
+        for s in range(0, len(keep), 1 << 14):
+            dst[s : s + (1 << 14)] = out[keep[s : s + (1 << 14)]]
+        dst.flush()
+        del dst
+    del out
+    partial.unlink()
 
 
 def _uncached(encoder, records: Sequence[ImageRecord], dtype: str, **options) -> tuple[list[dict], np.ndarray, int, float]:
