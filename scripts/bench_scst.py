@@ -1,16 +1,26 @@
-"""One self-critical training step against one cross-entropy step over as many captions.
+"""Each decoder's training steps at COCO size: cross-entropy tokens/s, and one self-critical step
+against one cross-entropy step over as many captions.
 
-    python scripts/bench_scst.py [--images 128] [--samples 5] [--words 16] [--repeats 3]
+    python scripts/bench_scst.py [--models show_tell,att2in] [--images 32] [--samples 5] [--words 16]
     python scripts/bench.py scst ...
 
-The SCST step is what ``python -m captioner.train objective=scst`` runs per batch
-(``captioner.training.engine.train_one_epoch`` with the ``scst`` objective): ``--images`` images x
-``--samples`` captions drawn without gradients, their CIDEr-D rewards (document frequencies from
-a training corpus of ``--corpus`` images), the mean-of-samples baseline, one teacher-forced pass
-for the log-probabilities, backward and the Adam step. The reference is a plain cross-entropy
-step (the ``cross_entropy`` objective) on images x samples captions of ``--words`` words: the
-length the samples reach with random weights, so both sides process the same tokens. COCO size
-by default (VGG16's 4096-d feature, 512-d LSTM, 9,487 words). Interleaved, best of ``--repeats``.
+Per decoder (its ``conf/model/<name>.yaml`` with every width at ``--dim``, 512 by default; random
+weights; a 9,487-word vocabulary), on ``--images`` images whose features are a 14 x 14 x 2048
+grid (ResNet's last block at 448 pixels; the decoders that read one pooled vector get the grid's
+mean, 2048-d):
+
+- cross-entropy, batch ``--images``: one step of ``--images`` captions of ``--words`` words, as
+  ``python -m captioner.train`` runs it (``captioner.training.engine.train_one_epoch``: forward,
+  loss, backward, clipping, Adam), in target tokens/s;
+- SCST: what ``objective=scst`` runs per batch: ``--images`` images x ``--samples`` captions
+  drawn without gradients, their CIDEr-D rewards (document frequencies from a corpus of
+  ``--corpus`` images), the mean-of-samples baseline, the teacher-forced pass for the
+  log-probabilities, backward and the Adam step;
+- its reference, a cross-entropy step over images x samples captions of the length the samples
+  reached (``--words``: random weights rarely stop early), each caption with its image's
+  features, as a cross-entropy batch carries them: both sides process the same tokens.
+
+Interleaved, best of ``--repeats``.
 """
 from __future__ import annotations
 
@@ -23,30 +33,43 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from captioner.config import DecodeConfig  # noqa: E402
 from captioner.data import ImageRecord  # noqa: E402
-from captioner.training.engine import train_one_epoch  # noqa: E402
-from captioner.models.show_tell import ShowTell  # noqa: E402
 from captioner.data.batches import Batch  # noqa: E402
+from captioner.data.vocab import SPECIALS, Vocabulary  # noqa: E402
+from captioner.models import MODELS, build_model  # noqa: E402
 from captioner.objectives.cross_entropy import CrossEntropy  # noqa: E402
 from captioner.objectives.scst import ScstConfig, SelfCritical  # noqa: E402
+from captioner.training.engine import train_one_epoch  # noqa: E402
 from captioner.training.optim import adam_options  # noqa: E402
-from captioner.data.vocab import SPECIALS, Vocabulary  # noqa: E402
 from bench_train import make_tokens  # noqa: E402
+
+WIDTHS = ("embed_dim", "hidden_dim", "attention_dim")
+
+
+def model_config(name: str, dim: int):
+    """``conf/model/<name>.yaml`` over its schema, every width set to ``dim``."""
+    schema = OmegaConf.structured(MODELS.schema(name))
+    node = OmegaConf.merge(schema, {k: v for k, v in OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml").items()
+                                    if k != "defaults"})
+    node.merge_with({width: dim for width in WIDTHS if width in node})
+    return node
 
 
 def run(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--models", default=",".join(MODELS.names()), help="decoders, comma-separated")
+    parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--samples", type=int, default=5)
-    parser.add_argument("--words", type=int, default=16, help="decode.max_length, and the reference's caption length")
+    parser.add_argument("--words", type=int, default=16, help="decode.max_length, and the references' caption length")
+    parser.add_argument("--regions", type=int, default=196)
+    parser.add_argument("--feature", type=int, default=2048)
+    parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--corpus", type=int, default=5000, help="training images the document frequencies come from")
     parser.add_argument("--vocab", type=int, default=9487)
-    parser.add_argument("--embed", type=int, default=512)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--feature", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -61,51 +84,58 @@ def run(argv: list[str] | None = None) -> list[dict]:
     scst = SelfCritical(OmegaConf.structured(ScstConfig(samples=args.samples)), vocab, records, decode)
     setup_s = time.perf_counter() - started
 
-    torch.manual_seed(args.seed)
-    model = ShowTell(len(vocab), args.feature, embed_dim=args.embed, hidden_dim=args.hidden, dropout=0.5)
-    optimizer = torch.optim.Adam(model.parameters(), lr=5e-5, **adam_options("cpu"))
     g = torch.Generator().manual_seed(args.seed)
-    features = torch.randn(args.images, args.feature, generator=g)
-    rows = torch.arange(args.images)
-    image_batch = Batch(features, torch.zeros(args.images, 1, dtype=torch.long), rows, rows + 1)
+    grid = torch.randn(args.images, args.regions, args.feature, generator=g)
     n = args.images * args.samples
-    caption_batch = Batch(features.repeat_interleave(args.samples, 0),
-                          make_tokens(torch.full((n,), args.words), len(vocab), g), torch.arange(n))
+    rows = torch.arange(args.images)
     cross_entropy = CrossEntropy()
-    lengths = []
-
-    def scst_step():
-        def compute(batch):
-            out = scst(model, batch)
-            lengths.append(out.figures["sample_length"])
-            return out
-
-        train_one_epoch(model, optimizer, None, [image_batch], "cpu", 5.0, compute=compute)
-
-    def cross_entropy_step():
-        train_one_epoch(model, optimizer, None, [caption_batch], "cpu", 5.0,
-                        compute=lambda batch: cross_entropy(model, batch))
-
-    best = {"scst": float("inf"), "cross_entropy": float("inf")}
-    steps = {"scst": scst_step, "cross_entropy": cross_entropy_step}
-    for name, step in steps.items():  # warm-up: first-call allocations
-        step()
-    for _ in range(args.repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            best[name] = min(best[name], time.perf_counter() - start)
-
-    print(f"{args.images} images x {args.samples} samples, decode.max_length {args.words}, vocabulary {len(vocab)}, "
-          f"feature {args.feature}, LSTM {args.embed}/{args.hidden}; CIDEr-D corpus of {args.corpus} images "
-          f"({setup_s:.2f} s once); samples averaged {sum(lengths) / len(lengths):.1f} words")
-    print(f"{'step':<44} {'s':>8} {'captions/s':>11}")
+    print(f"{args.images} images, {args.regions} x {args.feature} grids (pooled: their mean), widths {args.dim}, "
+          f"vocabulary {len(vocab)}; SCST K={args.samples}, decode.max_length {args.words}, CIDEr-D corpus of "
+          f"{args.corpus} images ({setup_s:.2f} s once); cross-entropy captions of {args.words} words; "
+          f"best of {args.repeats}, interleaved")
+    print(f"{'decoder':<18} {'params':>8} {'CE tokens/s':>12} {f'CE x{n} s':>10} {'SCST s':>8} "
+          f"{'words':>6} {'SCST / CE':>10}")
     results = []
-    for name, label in (("cross_entropy", f"cross-entropy, {n} captions of {args.words} words"),
-                        ("scst", f"SCST (K={args.samples}, mean baseline, reward included)")):
-        print(f"{label:<44} {best[name]:>8.3f} {n / best[name]:>11.1f}")
-        results.append({"step": name, "seconds": best[name]})
-    print(f"SCST step / cross-entropy step: {best['scst'] / best['cross_entropy']:.2f}x")
+    for name in args.models.split(","):
+        torch.manual_seed(args.seed)
+        cfg = model_config(name, args.dim)
+        features = grid if MODELS.get(name).reads_grid else grid.mean(dim=1)
+        model = build_model(cfg, len(vocab), args.feature)
+        optimizer = torch.optim.Adam(model.parameters(), lr=5e-5, **adam_options("cpu"))
+        image_batch = Batch(features, torch.zeros(args.images, 1, dtype=torch.long), rows, rows + 1)
+        small = Batch(features, make_tokens(torch.full((args.images,), args.words), len(vocab), g), rows)
+        large = Batch(features.repeat_interleave(args.samples, 0),
+                      make_tokens(torch.full((n,), args.words), len(vocab), g), torch.arange(n))
+        lengths = []
+
+        def scst_step():
+            def compute(batch):
+                out = scst(model, batch)
+                lengths.append(out.figures["sample_length"])
+                return out
+
+            train_one_epoch(model, optimizer, None, [image_batch], "cpu", 5.0, compute=compute)
+
+        def cross_entropy_step(batch):
+            train_one_epoch(model, optimizer, None, [batch], "cpu", 5.0, compute=lambda b: cross_entropy(model, b))
+
+        steps = {"small": lambda: cross_entropy_step(small), "large": lambda: cross_entropy_step(large),
+                 "scst": scst_step}
+        best = dict.fromkeys(steps, float("inf"))
+        for step in steps.values():  # warm-up: first-call allocations
+            step()
+        for _ in range(args.repeats):
+            for key, step in steps.items():
+                start = time.perf_counter()
+                step()
+                best[key] = min(best[key], time.perf_counter() - start)
+        params = sum(p.numel() for p in model.parameters())
+        tokens_per_s = args.images * (args.words + 1) / best["small"]  # the targets: words and <eos>
+        ratio = best["scst"] / best["large"]
+        print(f"{name:<18} {params / 1e6:>7.2f}M {tokens_per_s:>12.0f} {best['large']:>10.3f} {best['scst']:>8.3f} "
+              f"{sum(lengths) / len(lengths):>6.1f} {ratio:>9.2f}x")
+        results.append({"model": name, "params": params, "cross_entropy_tokens_per_s": tokens_per_s,
+                        "cross_entropy_s": best["large"], "scst_s": best["scst"], "ratio": ratio})
     return results
 
 

@@ -174,6 +174,22 @@ def test_the_regions_are_read_once_per_image(name):
     assert calls == {n: [4, 4] for n in PER_IMAGE[name]}
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_scst_samples_of_an_image_share_its_regions_work(name):
+    """SCST draws K captions per image from one initial state (draw's copies): the per-image work
+    runs on the images, not on their K copies, and the captions are those drawn from K copies of
+    the features (float64: the same arithmetic but for the matmuls' batch sizes)."""
+    model, feats, k = make_model(name, seed=6), regions(4, seed=6), 3
+    uniforms = torch.rand(4 * k, 11, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    calls = count_calls(model, PER_IMAGE[name])
+    shared = draw(model, feats, uniforms, max_length=10, copies=k)
+    assert calls == {n: [4] for n in PER_IMAGE[name]}
+    copied = draw(model, feats.repeat_interleave(k, dim=0), uniforms, max_length=10)
+    assert shared.sequences == copied.sequences
+    assert shared.scores == pytest.approx(copied.scores, rel=1e-12, abs=1e-12)
+    assert len({tuple(s) for s in shared.sequences}) > 1
+
+
 @pytest.mark.parametrize("k", [1, 3, 5])
 @pytest.mark.parametrize("name", NAMES)
 def test_batched_beam_matches_the_per_image_reference(name, k):

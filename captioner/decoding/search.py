@@ -88,27 +88,35 @@ def penalize_repeats(logprobs: torch.Tensor, history: torch.Tensor, penalty: flo
     return torch.log_softmax(logprobs - math.log(penalty) * counts, dim=-1)
 
 
-def banned_at(words: torch.Tensor, vocab_size: int, max_length: int, ban_unk: bool = False) -> torch.Tensor:
-    """The tokens ``constrain`` bans (without trigram blocking), as a mask [n, V], for rows whose
-    captions so far have ``words`` [n] words: what a teacher-forced pass needs to score captions
-    under the very distribution decoding chose them from (``Decoder.sequence_logprobs``)."""
-    banned = torch.zeros((words.numel(), vocab_size), dtype=torch.bool, device=words.device)
-    banned[:, [PAD_ID, BOS_ID, *([UNK_ID] if ban_unk else [])]] = True
-    full = words >= max_length  # only <eos> may follow
-    banned[full] = True
-    banned[full, EOS_ID] = False
-    return banned
+def without_banned(logits: torch.Tensor, words: torch.Tensor, max_length: int, ban_unk: bool = False) -> torch.Tensor:
+    """``logits`` [n, V] with the tokens ``constrain`` bans (trigram blocking aside) at -inf, for
+    rows whose captions so far have ``words`` [n] words: what a teacher-forced pass needs to score
+    captions under the very distribution decoding chose them from (``Decoder.sequence_logprobs``).
+    Out of place (the caller's logits may be needed by their own backward), in one copy: the
+    banned columns, then the full captions' rows, where only <eos> may follow."""
+    banned = torch.tensor([PAD_ID, BOS_ID, *([UNK_ID] if ban_unk else [])], device=logits.device)
+    logits = logits.index_fill(1, banned, -math.inf)
+    full = (words >= max_length).nonzero().squeeze(1)
+    if full.numel():
+        eos_only = torch.full((full.numel(), logits.size(1)), -math.inf, dtype=logits.dtype, device=logits.device)
+        eos_only[:, EOS_ID] = logits[full, EOS_ID]
+        logits[full] = eos_only  # in place on our own copy: index_fill's backward does not read it
+    return logits
 
 
 # -- greedy and sampling: one token per image per step ----------------------------------------
 def _decode_one_path(model, features, max_length, choose, ban_unk, block_trigrams,
-                     repetition_penalty) -> DecodeOutput:
+                     repetition_penalty, copies: int = 1) -> DecodeOutput:
     """Shared loop of greedy and sampling: ``choose(logprobs, rows, t) -> tokens`` picks one token
-    for each of ``rows`` (the indices of the images still writing) at step t. An image that writes
-    <eos> leaves the batch (its state rows are dropped through ``reorder_state``), so later steps
-    compute only the unfinished captions."""
-    batch, device = features.size(0), features.device
+    for each of ``rows`` (the indices of the captions still being written) at step t. With
+    ``copies``, each image writes that many captions (rows i*copies .. i*copies + copies-1) from
+    one state built once per image. A caption that reaches <eos> leaves the batch (its state rows
+    are dropped through ``reorder_state``), so later steps compute only the unfinished ones."""
+    device = features.device
     state = model.init_state(features)
+    if copies > 1:
+        state = model.reorder_state(state, torch.arange(features.size(0), device=device).repeat_interleave(copies))
+    batch = features.size(0) * copies
     rows = torch.arange(batch, device=device)
     tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=device)
     history = torch.full((batch, max_length + 1), PAD_ID, dtype=torch.long, device=device)
@@ -156,19 +164,23 @@ def greedy(model, features: torch.Tensor, *, max_length: int, ban_unk: bool, blo
 
 @torch.no_grad()
 def draw(model, features: torch.Tensor, uniforms: torch.Tensor, *, max_length: int, ban_unk: bool = False,
-         block_trigrams: bool = False, temperature: float = 1.0) -> DecodeOutput:
+         block_trigrams: bool = False, temperature: float = 1.0, copies: int = 1) -> DecodeOutput:
     """Sample each token from the model's distribution (its log-probabilities divided by
-    ``temperature``) by inverse CDF, row i's step t reading ``uniforms[i, t]`` ([N, max_length + 1]
-    in [0, 1)): the randomness is the caller's, so it can be a function of (seed, step, image)
-    rather than of the process or the batch layout."""
+    ``temperature``) by inverse CDF, caption i's step t reading ``uniforms[i, t]``
+    ([N x copies, max_length + 1] in [0, 1)): the randomness is the caller's, so it can be a
+    function of (seed, step, image) rather than of the process or the batch layout. ``copies``
+    captions per image (SCST's samples: rows i*copies .. i*copies + copies-1 are image i's) share
+    the image's initial state, built once (region keys and the like are per image, not per
+    sample)."""
     def choose(logprobs, rows, t):
-        cdf = (logprobs.float() / temperature).exp().cumsum(dim=-1)
+        logits = logprobs.float() if temperature == 1.0 else logprobs.float() / temperature
+        cdf = logits.exp().cumsum(dim=-1)
         # (above 0: u = 0 would pick token 0, <pad>, whose probability is 0)
         u = uniforms[rows, t].to(cdf)[:, None].clamp(min=1e-12) * cdf[:, -1:]
         return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=cdf.size(1) - 1)
 
     # no repetition penalty: SCST samples with draw, and sequence_logprobs scores its policy without one
-    return _decode_one_path(model, features, max_length, choose, ban_unk, block_trigrams, 1.0)
+    return _decode_one_path(model, features, max_length, choose, ban_unk, block_trigrams, 1.0, copies)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

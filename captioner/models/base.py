@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioner.data.vocab import PAD_ID
-from captioner.decoding.search import DecodeOutput, banned_at, generate
+from captioner.decoding.search import DecodeOutput, generate, without_banned
 
 
 class TeacherForced(NamedTuple):
@@ -121,10 +121,12 @@ class Decoder(nn.Module):
         never emits (<pad>, <bos>, <unk> when banned; all but <eos> once a caption is full) are
         left out and the rest renormalized, so the policy gradient of SCST is exact."""
         where = target_positions(tokens)
-        logits = self.teacher_forced(features, tokens, where).logits.float() / temperature
+        logits = self.teacher_forced(features, tokens, where).logits.float()
+        if temperature != 1.0:
+            logits = logits / temperature
         if max_length is not None:
             words = torch.arange(where.size(1), device=where.device).expand_as(where)[where]
-            logits = logits.masked_fill(banned_at(words, logits.size(1), max_length, ban_unk), float("-inf"))
+            logits = without_banned(logits, words, max_length, ban_unk)
         return caption_logprobs(logits, tokens[:, 1:][where], where)
 
     @torch.no_grad()

@@ -97,8 +97,8 @@ class SelfCritical(Objective):
         image_ids = [self.image_ids[row] for row in batch.rows.tolist()]
         max_length, ban_unk = self.decode.max_length, self.decode.ban_unk
         with _dropout(model, self.cfg.dropout):
-            drawn = draw(model, features, uniforms.to(features.device), max_length=max_length, ban_unk=ban_unk,
-                         temperature=self.cfg.temperature)
+            drawn = draw(model, batch.features, uniforms.to(features.device), max_length=max_length, ban_unk=ban_unk,
+                         temperature=self.cfg.temperature, copies=k)
             logprobs = model.sequence_logprobs(features, as_tokens(drawn.sequences, features.device),
                                                temperature=self.cfg.temperature, max_length=max_length,
                                                ban_unk=ban_unk)
