@@ -105,6 +105,19 @@ def test_every_registered_model_composes_validates_and_builds(name):
     assert isinstance(model, MODELS.get(name)) and model.vocab_size == VOCAB and model.feature_dim == CHANNELS
 
 
+@pytest.mark.parametrize("name", MODELS.names())
+def test_every_decoder_drops_out_in_step_what_teacher_forcing_drops(name):
+    """In training mode (SCST with objective.dropout=true samples so), a step applies the dropout
+    teacher forcing applies: at p = 1 both leave the output layer nothing but its bias."""
+    cfg = compose_config("train", [f"model={name}", "model.embed_dim=16", "model.hidden_dim=24", "model.dropout=1.0"])
+    model = build_model(cfg.model, VOCAB, CHANNELS).train()
+    feats = (regions(3) if model.reads_grid else regions(3).mean(dim=1)).float()
+    tokens = torch.tensor([[BOS_ID, 5, EOS_ID]] * 3)
+    forced = model.teacher_forced(feats, tokens, torch.ones(3, 2, dtype=torch.bool)).logits.view(3, 2, -1)
+    stepped, _ = model.step(tokens[:, 0], model.init_state(feats))
+    torch.testing.assert_close(stepped, forced[:, 0], rtol=0, atol=1e-6)
+
+
 def test_heads_must_divide_the_hidden_size():
     with pytest.raises(ValueError, match=r"^model.heads=5: must divide model.hidden_dim=512$"):
         validate(compose_config("train", ["model=aoa", "model.heads=5"]))

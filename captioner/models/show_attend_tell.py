@@ -123,7 +123,7 @@ class ShowAttendTell(Decoder):
     def step(self, tokens: torch.Tensor, state: AttentionState) -> tuple[torch.Tensor, AttentionState]:
         """The state carries this step's attention weights."""
         state = self._advance(self._word_gates(tokens), state)
-        return self.output(state.h), state
+        return self.output(self.dropout(state.h)), state
 
     @classmethod
     def from_config(cls, cfg, vocab_size: int, feature_dim: int) -> "ShowAttendTell":

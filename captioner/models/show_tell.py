@@ -139,7 +139,7 @@ class ShowTell(Decoder):
 
     def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
         out, state = self._run(self.embed(tokens).unsqueeze(1), state)
-        return self.output(out[:, 0]), state
+        return self.output(self.dropout(out[:, 0])), state
 
     @classmethod
     def from_config(cls, cfg, vocab_size: int, feature_dim: int) -> "ShowTell":
