@@ -33,6 +33,7 @@ from captioner.config import ModelConfig, at_least, between, shaping
 from captioner.data.vocab import PAD_ID
 from captioner.models import MODELS
 from captioner.models.base import Decoder, TeacherForced
+from captioner.models.layers import lstm_cell, unroll
 
 
 @dataclass
@@ -149,22 +150,14 @@ class AoA(Decoder):
         cell = self.cell
         gates = (word_gates + state.image_gates + F.linear(state.context, cell.weight_ih[:, self.embed_dim :])
                  + F.linear(state.h, cell.weight_hh))
-        i, f, g, o = gates.chunk(4, dim=1)
-        c = torch.sigmoid(f) * state.c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        h, c = lstm_cell(gates, state.c)
         attended, weights = multi_head(self.query(h).unsqueeze(1), state.keys, state.values, self.heads)
         context = attention_on_attention(self.aoa, attended.squeeze(1), h)
         return AoAState(h, c, context, state.keys, state.values, state.image_gates, weights[:, :, 0].mean(dim=1))
 
     def teacher_forced(self, features: torch.Tensor, tokens: torch.Tensor, where: torch.Tensor) -> TeacherForced:
-        state = self.init_state(features)
-        word_gates = self._word_gates(tokens[:, :-1])
-        outputs, alphas = [], []
-        for t in range(word_gates.size(1)):
-            state = self._advance(word_gates[:, t], state)
-            outputs.append(state.context)
-            alphas.append(state.attention)
-        outputs, alphas = torch.stack(outputs, dim=1), torch.stack(alphas, dim=1)
+        outputs, alphas = unroll(self._advance, self._word_gates(tokens[:, :-1]), self.init_state(features),
+                                 lambda state: state.context)
         return TeacherForced(self.output(self.dropout(outputs[where])), None, alphas)
 
     def step(self, tokens: torch.Tensor, state: AoAState) -> tuple[torch.Tensor, AoAState]:

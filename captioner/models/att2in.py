@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from captioner.config import ModelConfig, at_least, between
 from captioner.data.vocab import PAD_ID
 from captioner.models import MODELS
 from captioner.models.base import Decoder, TeacherForced
+from captioner.models.layers import additive_attention, unroll
 
 
 @dataclass
@@ -78,9 +78,7 @@ class Att2in(Decoder):
     def _advance(self, word_gates: torch.Tensor, state: Att2inState) -> Att2inState:
         """One word, from its share of the gates [B, 5H]: attend with the previous h, then the
         cell with the context in its candidate only."""
-        energy = self.score(torch.tanh(state.keys + self.hidden_query(state.h).unsqueeze(1))).squeeze(2)
-        alpha = energy.softmax(dim=1)
-        context = torch.bmm(alpha.unsqueeze(1), state.regions).squeeze(1)
+        context, alpha = additive_attention(state.keys, self.hidden_query(state.h), self.score, state.regions)
         sums = word_gates + self.hidden_gates(state.h)
         i, f, o = torch.sigmoid(sums[:, : 3 * self.hidden_dim]).chunk(3, dim=1)
         g1, g2 = (sums[:, 3 * self.hidden_dim :] + self.context_cell(context)).chunk(2, dim=1)
@@ -89,14 +87,8 @@ class Att2in(Decoder):
         return Att2inState(h, c, state.regions, state.keys, alpha)
 
     def teacher_forced(self, features: torch.Tensor, tokens: torch.Tensor, where: torch.Tensor) -> TeacherForced:
-        state = self.init_state(features)
         word_gates = self.word_gates(self.embed(tokens[:, :-1]))  # every position's share at once
-        hidden, alphas = [], []
-        for t in range(word_gates.size(1)):
-            state = self._advance(word_gates[:, t], state)
-            hidden.append(state.h)
-            alphas.append(state.attention)
-        hidden, alphas = torch.stack(hidden, dim=1), torch.stack(alphas, dim=1)
+        hidden, alphas = unroll(self._advance, word_gates, self.init_state(features), lambda state: state.h)
         return TeacherForced(self.output(self.dropout(hidden[where])), None, alphas)
 
     def step(self, tokens: torch.Tensor, state: Att2inState) -> tuple[torch.Tensor, Att2inState]:

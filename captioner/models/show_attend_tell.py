@@ -27,6 +27,7 @@ from captioner.config import ModelConfig, at_least, between, shaping
 from captioner.data.vocab import PAD_ID
 from captioner.models import MODELS
 from captioner.models.base import Decoder, TeacherForced
+from captioner.models.layers import additive_attention, lstm_cell, unroll
 
 
 @dataclass
@@ -93,27 +94,17 @@ class ShowAttendTell(Decoder):
     def _advance(self, word_gates: torch.Tensor, state: AttentionState) -> AttentionState:
         """One word: attend with the previous hidden state, then the LSTM cell (nn.LSTMCell's
         arithmetic, its input [word; context] split so the word's share is computed in bulk)."""
-        energy = self.score(torch.tanh(state.keys + self.hidden_query(state.h).unsqueeze(1))).squeeze(2)
-        alpha = energy.softmax(dim=1)
-        context = torch.bmm(alpha.unsqueeze(1), state.regions).squeeze(1)
+        context, alpha = additive_attention(state.keys, self.hidden_query(state.h), self.score, state.regions)
         if self.gate is not None:
             context = torch.sigmoid(self.gate(state.h)) * context
         gates = (word_gates + F.linear(context, self.cell.weight_ih[:, self.embed_dim:])
                  + F.linear(state.h, self.cell.weight_hh))
-        i, f, g, o = gates.chunk(4, dim=1)
-        c = torch.sigmoid(f) * state.c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        h, c = lstm_cell(gates, state.c)
         return AttentionState(h, c, state.regions, state.keys, alpha)
 
     def teacher_forced(self, features: torch.Tensor, tokens: torch.Tensor, where: torch.Tensor) -> TeacherForced:
-        state = self.init_state(features)
-        word_gates = self._word_gates(tokens[:, :-1])
-        hidden, alphas = [], []
-        for t in range(word_gates.size(1)):
-            state = self._advance(word_gates[:, t], state)
-            hidden.append(state.h)
-            alphas.append(state.attention)
-        hidden, alphas = torch.stack(hidden, dim=1), torch.stack(alphas, dim=1)
+        hidden, alphas = unroll(self._advance, self._word_gates(tokens[:, :-1]), self.init_state(features),
+                                lambda state: state.h)
         penalty = None
         if self.attention_penalty:
             coverage = (alphas * where.unsqueeze(2)).sum(dim=1)  # [B, R]: each region's total over the words

@@ -29,6 +29,7 @@ from captioner.config import ModelConfig, at_least, between
 from captioner.data.vocab import PAD_ID
 from captioner.models import MODELS
 from captioner.models.base import Decoder, TeacherForced
+from captioner.models.layers import additive_attention, lstm_cell, unroll
 
 
 @dataclass
@@ -53,13 +54,6 @@ class UpDownState(NamedTuple):
     keys: torch.Tensor
     image_gates: torch.Tensor
     attention: Optional[torch.Tensor] = None
-
-
-def _lstm(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """nn.LSTMCell's arithmetic on its summed pre-activations [B, 4H] (i, f, g, o)."""
-    i, f, g, o = gates.chunk(4, dim=1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c), c
 
 
 @MODELS.register("updown", UpDownConfig)
@@ -99,22 +93,14 @@ class UpDown(Decoder):
         cell = self.att_cell
         gates = (word_gates + state.image_gates + F.linear(state.lang_h, cell.weight_ih[:, : self.hidden_dim])
                  + F.linear(state.att_h, cell.weight_hh))
-        att_h, att_c = _lstm(gates, state.att_c)
-        energy = self.score(torch.tanh(state.keys + self.hidden_query(att_h).unsqueeze(1))).squeeze(2)
-        alpha = energy.softmax(dim=1)
-        attended = torch.bmm(alpha.unsqueeze(1), state.regions).squeeze(1)
+        att_h, att_c = lstm_cell(gates, state.att_c)
+        attended, alpha = additive_attention(state.keys, self.hidden_query(att_h), self.score, state.regions)
         lang_h, lang_c = self.lang_cell(torch.cat([attended, att_h], dim=1), (state.lang_h, state.lang_c))
         return UpDownState(att_h, att_c, lang_h, lang_c, state.regions, state.keys, state.image_gates, alpha)
 
     def teacher_forced(self, features: torch.Tensor, tokens: torch.Tensor, where: torch.Tensor) -> TeacherForced:
-        state = self.init_state(features)
-        word_gates = self._word_gates(tokens[:, :-1])
-        hidden, alphas = [], []
-        for t in range(word_gates.size(1)):
-            state = self._advance(word_gates[:, t], state)
-            hidden.append(state.lang_h)
-            alphas.append(state.attention)
-        hidden, alphas = torch.stack(hidden, dim=1), torch.stack(alphas, dim=1)
+        hidden, alphas = unroll(self._advance, self._word_gates(tokens[:, :-1]), self.init_state(features),
+                                lambda state: state.lang_h)
         return TeacherForced(self.output(self.dropout(hidden[where])), None, alphas)
 
     def step(self, tokens: torch.Tensor, state: UpDownState) -> tuple[torch.Tensor, UpDownState]:
