@@ -12,7 +12,7 @@ checkpoint gives the photo alone in this process (``Captioner``, the path of ``c
 The visitors are plain HTTP connections (``Visitor``, the standard library), not ``gradio_client``:
 on loopback they share the server's cores, and gradio_client spent about 150 ms of CPU a request
 there (measured on a 2-core EPYC), more than the server itself, so it measured the client. Each
-row also gives the server's CPU seconds per request (its process's user + system time, Linux).
+row also gives the server's CPU milliseconds per request (its process's user + system time, Linux).
 
 Latency is a request's seconds from the upload to the answer; p50 and p99 over the requests of a
 row. The photos are Flickr8k images where ../shared/data/flickr8k is, else synthetic 500x375
