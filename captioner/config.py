@@ -302,6 +302,7 @@ class DemoConfig:
     host: str = "127.0.0.1"  # 0.0.0.0: every network interface (anyone who can reach the machine)
     port: int = between(7860, 1, 65535)
     max_batch_size: int = at_least(16, 1)  # requests waiting in the queue decoded together
+    encoder_batch_size: int = at_least(2, 1)  # of those, photos the CNN reads at once
     max_upload_mb: float = above(10.0, 0.0)
     max_megapixels: float = above(50.0, 0.0)
     # the encoder resizes the shorter side first: a 1 x 10,000 image would be 256 x 2,560,000 pixels

@@ -4,15 +4,17 @@
     python scripts/bench.py demo ...
 
 Starts ``python -m captioner.demo`` on a free loopback port and sends it ``--requests`` photos
-through Gradio's REST API (upload, call, the answer's event stream) twice: one request at a time
-from one client, then from ``--clients`` concurrent clients, each sending its share one after
-another, so that up to ``--clients`` requests wait in the queue and are decoded together
-(``demo.max_batch_size``). Every answer is checked against the caption and score the same
-checkpoint gives the photo alone in this process (``Captioner``, the path of ``captioner.caption``).
-The visitors are plain HTTP connections (``Visitor``, the standard library), not ``gradio_client``:
-on loopback they share the server's cores, and gradio_client spent about 150 ms of CPU a request
-there (measured on a 2-core EPYC), more than the server itself, so it measured the client. Each
-row also gives the server's CPU milliseconds per request (its process's user + system time, Linux).
+through Gradio's REST API (upload, call, the answer's event stream): one request at a time from
+one client, then from ``--clients`` concurrent clients, each sending its share one after another,
+so that up to ``--clients`` requests wait in the queue and are decoded together
+(``demo.max_batch_size``), their photos going through the CNN ``demo.encoder_batch_size`` at a
+time: one concurrent row for each ``--encoder-batch-size`` (a server started for each). Every
+answer is checked against the caption and score the same checkpoint gives the photo alone in
+this process (``Captioner``, the path of ``captioner.caption``). The visitors are plain HTTP
+connections (``Visitor``, the standard library), not ``gradio_client``: on loopback they share the
+server's cores, and gradio_client spent about 150 ms of CPU a request there (measured on a 2-core
+EPYC), more than the server itself, so it measured the client. Each row also gives the server's
+CPU milliseconds per request (its process's user + system time, Linux).
 
 Latency is a request's seconds from the upload to the answer; p50 and p99 over the requests of a
 row. The photos are Flickr8k images where ../shared/data/flickr8k is, else synthetic 500x375
@@ -77,9 +79,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint: Path, port: int, args, uploads: str) -> subprocess.Popen:
+def start_server(checkpoint: Path, port: int, args, uploads: str, encoder_batch_size: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "captioner.demo", f"checkpoint={checkpoint}", f"demo.port={port}",
-               f"demo.max_batch_size={args.max_batch_size}", f"device={args.device}"]
+               f"demo.max_batch_size={args.max_batch_size}", f"demo.encoder_batch_size={encoder_batch_size}",
+               f"device={args.device}"]
     env = {**os.environ, "GRADIO_TEMP_DIR": uploads}
     if args.threads > 0:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -181,6 +184,28 @@ def send(clients: list, photos: list[str], requests: int) -> tuple[float, list[f
     return time.perf_counter() - start, latencies, answers
 
 
+def measure(server: subprocess.Popen, senders: list, photos: list[str], expected: list, requests: int, name: str,
+            encoder_batch_size: int) -> dict:
+    """One row of the table: ``requests`` sent by ``senders``, each answer checked against
+    ``expected``, the photo's (caption, score) from the checkpoint alone."""
+    cpu_before = cpu_seconds(server.pid)
+    seconds, latencies, answers = send(senders, photos, requests)
+    cpu_after = cpu_seconds(server.pid)
+    server_ms = None if cpu_before is None else round(1000 * (cpu_after - cpu_before) / requests, 1)
+    got = [(a[1], a[2]["data"][0][1]) for a in answers]
+    # the caption exactly; the score to float rounding (a batch sums in another order)
+    ok = [g[0] == want[0] and abs(g[1] - want[1]) <= 1e-5 * max(1.0, abs(want[1]))
+          for g, want in zip(got, (expected[i % len(photos)] for i in range(len(got))))]
+    if not all(ok):
+        i = ok.index(False)
+        print(f"{name}: request {i} got {got[i]!r}, the checkpoint alone {expected[i % len(photos)]!r}")
+    return {"mode": name, "encoder_batch_size": encoder_batch_size, "requests": requests,
+            "seconds": round(seconds, 2), "requests_per_s": round(requests / seconds, 2),
+            "p50_ms": round(1000 * float(np.percentile(latencies, 50)), 1),
+            "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 1),
+            "server_cpu_ms": server_ms, "right": sum(ok)}
+
+
 def run(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=200)
@@ -191,55 +216,49 @@ def run(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="auto", help="the server's and the reference captions' device")
     parser.add_argument("--threads", type=int, default=0,
                         help="the server's torch CPU threads (0: torch's default); on a busy machine 1 is steadier")
+    parser.add_argument("--encoder-batch-size", type=lambda text: [int(n) for n in text.split(",")], default=[2, 16],
+                        help="the server's demo.encoder_batch_size: one concurrent row for each of these (default 2,16)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or random_checkpoint(Path(tmp) / "random.pt")
         photos, source = jpegs(FLICKR, args.photos, tmp)
         captioner = Captioner.from_checkpoint(checkpoint, args.device)
-        encoder_ms = [encoder_ms_per_image(captioner, n) for n in (1, args.max_batch_size)]
+        encoder_ms = {n: encoder_ms_per_image(captioner, n) for n in sorted({1, args.max_batch_size,
+                                                                              *args.encoder_batch_size})}
         expected = [(r["caption"], r["score"]) for r in captioner.caption_images(photos, GREEDY, batch_size=1)]
-        port = free_port()
-        server = start_server(checkpoint, port, args, str(Path(tmp) / "uploads"))
-        try:
-            clients = [Visitor(port) for _ in range(args.clients)]
-            send(clients[:1], photos, min(3, args.requests))  # warm-up: first-call allocations
-            rows = []
-            for name, senders in (("one at a time", clients[:1]), (f"{args.clients} concurrent clients", clients)):
-                cpu_before = cpu_seconds(server.pid)
-                seconds, latencies, answers = send(senders, photos, args.requests)
-                cpu_after = cpu_seconds(server.pid)
-                server_ms = None if cpu_before is None else round(1000 * (cpu_after - cpu_before) / args.requests, 1)
-                got = [(a[1], a[2]["data"][0][1]) for a in answers]
-                # the caption exactly; the score to float rounding (a batch sums in another order)
-                ok = [g[0] == want[0] and abs(g[1] - want[1]) <= 1e-5 * max(1.0, abs(want[1]))
-                      for g, want in zip(got, (expected[i % len(photos)] for i in range(len(got))))]
-                right = sum(ok)
-                if not all(ok):
-                    i = ok.index(False)
-                    print(f"{name}: request {i} got {got[i]!r}, the checkpoint alone {expected[i % len(photos)]!r}")
-                rows.append({"mode": name, "requests": args.requests, "seconds": round(seconds, 2),
-                             "requests_per_s": round(args.requests / seconds, 2),
-                             "p50_ms": round(1000 * float(np.percentile(latencies, 50)), 1),
-                             "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 1),
-                             "server_cpu_ms": server_ms, "right": right})
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
-    rows[1]["speedup_vs_one_at_a_time"] = round(rows[1]["requests_per_s"] / rows[0]["requests_per_s"], 2)
+        rows = []
+        for k, encoder_batch in enumerate(args.encoder_batch_size):
+            port = free_port()
+            server = start_server(checkpoint, port, args, str(Path(tmp) / "uploads"), encoder_batch)
+            try:
+                clients = [Visitor(port) for _ in range(args.clients)]
+                send(clients[:1], photos, min(3, args.requests))  # warm-up: first-call allocations
+                modes = [(f"{args.clients} concurrent clients", clients)]
+                if k == 0:  # (a request alone is one photo: the encoder's batch does not matter)
+                    modes.insert(0, ("one at a time", clients[:1]))
+                for name, senders in modes:
+                    rows.append(measure(server, senders, photos, expected, args.requests, name, encoder_batch))
+            finally:
+                server.terminate()
+                server.wait(timeout=60)
+    for row in rows[1:]:
+        row["speedup_vs_one_at_a_time"] = round(row["requests_per_s"] / rows[0]["requests_per_s"], 2)
 
     print(f"checkpoint {args.checkpoint or 'random weights (default model, pretrained EfficientNet-Lite0)'}, "
-          f"{args.requests} requests cycling through {len(photos)} photos ({source}), greedy, demo.max_batch_size {args.max_batch_size}, "
-          f"device {args.device}, server threads {args.threads or 'default'}")
-    print(f"{'mode':<24} {'requests':>8} {'seconds':>8} {'requests/s':>11} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'server CPU ms/request':>22} {'right':>9}")
+          f"{args.requests} requests cycling through {len(photos)} photos ({source}), greedy, demo.max_batch_size "
+          f"{args.max_batch_size}, device {args.device}, server threads {args.threads or 'default'}")
+    print(f"{'mode':<24} {'CNN batch':>9} {'requests':>8} {'seconds':>8} {'requests/s':>11} {'p50 ms':>8} "
+          f"{'p99 ms':>8} {'server CPU ms/request':>22} {'right':>9}")
     for row in rows:
         cpu = "-" if row["server_cpu_ms"] is None else f"{row['server_cpu_ms']:.1f}"
-        print(f"{row['mode']:<24} {row['requests']:>8} {row['seconds']:>8.2f} {row['requests_per_s']:>11.2f} "
+        batch = "-" if row["mode"] == "one at a time" else row["encoder_batch_size"]
+        print(f"{row['mode']:<24} {batch:>9} {row['requests']:>8} {row['seconds']:>8.2f} {row['requests_per_s']:>11.2f} "
               f"{row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} {cpu:>22} {row['right']:>4}/{row['requests']:<4}")
-    print(f"{args.clients} concurrent clients / one at a time: {rows[1]['speedup_vs_one_at_a_time']:.2f}x requests/s")
-    print(f"the encoder alone, ms per image: {encoder_ms[0]:.1f} at batch 1, {encoder_ms[1]:.1f} at batch "
-          f"{args.max_batch_size} (what batching can save of a request's CNN)")
+    for row in rows[1:]:
+        print(f"{row['mode']}, the CNN {row['encoder_batch_size']} photos at a time / one at a time: "
+              f"{row['speedup_vs_one_at_a_time']:.2f}x requests/s")
+    print("the encoder alone, ms per image: " + ", ".join(f"{ms:.1f} at batch {n}" for n, ms in encoder_ms.items()))
     wrong = sum(row["requests"] - row["right"] for row in rows)
     if wrong:
         sys.exit(f"{wrong} answers differ from the checkpoint's own captions")

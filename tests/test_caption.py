@@ -187,6 +187,39 @@ def test_python_api_takes_paths_and_pil_images(tmp_path, checkpoint):
         captioner.caption_images([path], beam_sise=2)
 
 
+def test_the_encoder_and_the_decoder_take_their_own_batch_sizes(tmp_path, checkpoint, monkeypatch):
+    # the demo decodes a queue's requests together but runs its CNN on a few photos at a time
+    from captioner import Captioner
+    from captioner.decoding import captioner as captioning
+
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)) for _ in range(7)]
+    (tmp_path / "broken.jpg").write_text("not a JPEG")
+    images.insert(3, tmp_path / "broken.jpg")
+    captioner = Captioner.from_checkpoint(checkpoint, device="cpu")
+    alone = [captioner.caption_images([image], batch_size=1, max_length=6)[0] for image in images]
+
+    decode, encode = captioning.decode_features, captioning.encode_images
+    decoded, encoded = [], []
+
+    def decode_spy(model, rows, *args, **kwargs):
+        decoded.append(len(rows))
+        return decode(model, rows, *args, **kwargs)
+
+    def encode_spy(*args, **kwargs):
+        for indices, feats, bad in encode(*args, **kwargs):
+            encoded.append(len(indices) + len(bad))
+            yield indices, feats, bad
+
+    monkeypatch.setattr(captioning, "decode_features", decode_spy)
+    monkeypatch.setattr(captioning, "encode_images", encode_spy)
+    together = captioner.caption_images(images, batch_size=4, encoder_batch_size=3, max_length=6)
+    assert encoded == [3, 3, 2] and decoded == [4, 3]  # 8 inputs, one of them unreadable
+    assert [r.get("caption") for r in together] == [r.get("caption") for r in alone]
+    assert "caption" not in together[3] and together[3]["error"] == alone[3]["error"]
+    assert [r.get("score", 0.0) for r in together] == pytest.approx([r.get("score", 0.0) for r in alone], rel=1e-4)
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs chromium (apt-get install chromium)")
 def test_gallery_renders_in_headless_chromium(tmp_path, checkpoint):
     from captioner.caption import caption_folder

@@ -518,5 +518,7 @@ def test_the_load_test_gets_every_answer_right_through_the_rest_api(monkeypatch)
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
     from bench_demo import run
 
-    rows = run(["--requests", "6", "--clients", "3", "--photos", "3", "--threads", "1", "--device", "cpu"])
-    assert [(row["requests"], row["right"]) for row in rows] == [(6, 6), (6, 6)]
+    rows = run(["--requests", "6", "--clients", "3", "--photos", "3", "--threads", "1", "--device", "cpu",
+                "--max-batch-size", "4", "--encoder-batch-size", "1,4"])
+    assert [(row["mode"], row["encoder_batch_size"], row["right"]) for row in rows] == \
+        [("one at a time", 1, 6), ("3 concurrent clients", 1, 6), ("3 concurrent clients", 4, 6)]

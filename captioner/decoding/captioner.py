@@ -96,16 +96,20 @@ class Captioner:
 
     @torch.no_grad()
     def caption_images(self, images: Sequence[str | Path | Image.Image], decode: Any = None, *,
-                       batch_size: int = 16, num_workers: int = 0, progress: bool = False,
-                       on_error: Optional[Callable[[int, str], None]] = None, attention: bool = False,
-                       **decode_options) -> list[dict]:
+                       batch_size: int = 16, encoder_batch_size: Optional[int] = None, num_workers: int = 0,
+                       progress: bool = False, on_error: Optional[Callable[[int, str], None]] = None,
+                       attention: bool = False, **decode_options) -> list[dict]:
         """One dict per input, in order: ``{"file_name", "caption", "score"}`` (plus ``n_best``:
         ``[{"caption", "score"}]`` when ``n_best > 1``), or ``{"file_name", "error"}`` for an
         input that cannot be read. Inputs are paths or PIL images (``file_name`` is then the file
         it was opened from, or None). ``decode`` and ``decode_options`` are ``decode`` config
         fields (method, beam_size, ...); the defaults are ``DecodeConfig``'s (greedy).
         ``on_error(index, message)`` is called as each unreadable input is found. ``attention``
-        (an attention decoder) adds "words" and "attention", each word's map over the regions."""
+        (an attention decoder) adds "words" and "attention", each word's map over the regions.
+        The decoder takes ``batch_size`` images at a time, the encoder ``encoder_batch_size``
+        (default the same): on a CPU a CNN can run several times slower per image in large
+        batches, whose activations no longer fit in its caches, while the decoder's steps still
+        gain from them."""
         cfg = decode_config(decode, **decode_options)
         if attention and not self.attends:
             raise CaptionError(f"attention=true needs an attention checkpoint (a decoder with attends = True, "
@@ -120,18 +124,32 @@ class Captioner:
                 return getattr(image, "filename", None) or None
             return str(image)
 
+        encoded_indices: list[int] = []
+        encoded_rows: list[np.ndarray] = []
+
+        def decode_encoded(count: int) -> int:
+            decoded = decode_features(self.model, np.stack(encoded_rows[:count]), self.vocab, cfg, self.device,
+                                      attention=attention)
+            for index, item in zip(encoded_indices[:count], decoded):
+                item.pop("row")
+                results[index] = {"file_name": name(index), **item}
+            del encoded_indices[:count], encoded_rows[:count]
+            return count
+
         with tqdm(total=len(images), desc="captioning", unit="img", disable=not progress) as bar:
-            for indices, feats, bad in encode_images(self.encoder, images, batch_size, num_workers, self.device):
+            for indices, feats, bad in encode_images(self.encoder, images, encoder_batch_size or batch_size,
+                                                     num_workers, self.device):
                 for index, error in bad:
                     error = " ".join(str(error).split())  # one line, whatever the decoder said
                     results[index] = {"file_name": name(index), "error": error}
                     if on_error is not None:
                         on_error(index, error)
+                bar.update(len(bad))
                 if feats is not None:
-                    rows = feats.to(self.feature_dtype).cpu().numpy()  # the cache's precision
-                    decoded = decode_features(self.model, rows, self.vocab, cfg, self.device, attention=attention)
-                    for index, item in zip(indices, decoded):
-                        item.pop("row")
-                        results[index] = {"file_name": name(index), **item}
-                bar.update(len(indices) + len(bad))
+                    encoded_indices.extend(indices)
+                    encoded_rows.extend(feats.to(self.feature_dtype).cpu().numpy())  # the cache's precision
+                while len(encoded_indices) >= batch_size:
+                    bar.update(decode_encoded(batch_size))
+            if encoded_indices:
+                bar.update(decode_encoded(len(encoded_indices)))
         return results

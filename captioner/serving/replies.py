@@ -80,7 +80,9 @@ class Demo:
             replies = {"caption": [""] * n, "n_best": [[] for _ in range(n)], "attention": [None] * n}
             for indices in groups.values():
                 results = captioner.caption_images([images[i] for i in indices], settings[indices[0]],
-                                                   batch_size=len(indices), attention=captioner.attends)
+                                                   batch_size=len(indices),
+                                                   encoder_batch_size=self.limits.encoder_batch_size,
+                                                   attention=captioner.attends)
                 for i, result in zip(indices, results):
                     replies["caption"][i] = result["caption"]
                     replies["n_best"][i] = [[c["caption"], c["score"]] for c in result.get("n_best", [result])]
