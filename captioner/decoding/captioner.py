@@ -107,7 +107,7 @@ class Captioner:
         ``on_error(index, message)`` is called as each unreadable input is found. ``attention``
         (an attention decoder) adds "words" and "attention", each word's map over the regions.
         The decoder takes ``batch_size`` images at a time, the encoder ``encoder_batch_size``
-        (default the same): on a CPU a CNN can run several times slower per image in large
+        (default the same): on a CPU a CNN can run up to twice as slow per image in large
         batches, whose activations no longer fit in its caches, while the decoder's steps still
         gain from them."""
         cfg = decode_config(decode, **decode_options)
